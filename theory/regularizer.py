@@ -1,0 +1,130 @@
+"""Theorems 5.1-5.3: convexity, Lipschitz gradient and step sizes of the regularizer (Eq. 4).
+
+Claims, in our words:
+  5.1  L_reg = ||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F is convex.
+  5.2  The gradient of L_reg is Lipschitz continuous.
+  5.3  For gradient descent to converge, gamma should scale like 1 / eta_d (Eq. 11).
+
+What this script measures: the convexity counterexample (Q, -Q and their midpoint 0),
+the second difference at U_p = 0 that the proof says is +2 ||W^T W||_F, the gradient
+jump across the orthonormal set, and gradient descent on L_reg alone, paper form and
+squared form, over a range of step sizes: where it returns a perturbed U_p, V_p to
+orthonormality and how close it gets.
+
+    python -m theory.regularizer        (a few seconds on a 2-core CPU)
+"""
+
+import torch
+
+from sorsa import SORSALinear, orthonormal_regularizer
+
+
+def layer_with(U_p, Vt_p):
+    """A SORSA layer holding the given factors (S_p = 1, W_r = 0): only U_p, Vt_p matter to L_reg."""
+    (m, r), n = U_p.shape, Vt_p.shape[1]
+    return SORSALinear(U_p, torch.ones(r, dtype=U_p.dtype), Vt_p, torch.zeros(m, n, dtype=U_p.dtype))
+
+
+def reg(U_p, Vt_p, squared=False):
+    """L_reg (Eq. 4, or its squared form) of one layer with these factors, as a float."""
+    return orthonormal_regularizer([layer_with(U_p, Vt_p)], squared=squared).item()
+
+
+def orthonormal(rows, cols, seed):
+    """A (rows, cols) matrix with orthonormal columns, float64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+
+
+def convexity_counterexample(m, n, r, seed):
+    """(L_reg at the midpoint of (Q, Vt) and (-Q, Vt), the mean of L_reg at the two ends).
+
+    Both ends are orthonormal (L_reg = 0); the midpoint has U_p = 0 (L_reg = sqrt(r)).
+    A convex function is at most the mean at any midpoint, so the first exceeding the
+    second disproves Theorem 5.1.
+    """
+    Q, Vt = orthonormal(m, r, seed), orthonormal(n, r, seed + 1).T
+    return reg(0 * Q, Vt), (reg(Q, Vt) + reg(-Q, Vt)) / 2
+
+
+def second_difference_at_zero(m, n, r, seed, eps=1e-3):
+    """(f(eps W) - 2 f(0) + f(-eps W)) / eps^2 at U_p = 0, and the proof's claimed 2 ||W^T W||_F."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, r, generator=g, dtype=torch.float64)
+    Vt = orthonormal(n, r, seed + 1).T
+    measured = (reg(eps * W, Vt) - 2 * reg(0 * W, Vt) + reg(-eps * W, Vt)) / eps**2
+    return measured, 2 * torch.linalg.matrix_norm(W.T @ W).item()
+
+
+def grad_U(U_p, Vt_p, squared=False):
+    """d L_reg / d U_p (m, r) through sorsa's regularizer."""
+    layer = layer_with(U_p, Vt_p)
+    orthonormal_regularizer([layer], squared=squared).backward()
+    return layer.U_p.grad
+
+
+def gradient_jump_ratio(m, n, r, seed, delta):
+    """||grad(U1) - grad(U2)||_F / ||U1 - U2||_F for U1,2 = (1 +- delta) Q on either side of orthonormality."""
+    Q, Vt = orthonormal(m, r, seed), orthonormal(n, r, seed + 1).T
+    U1, U2 = (1 + delta) * Q, (1 - delta) * Q
+    return (torch.linalg.matrix_norm(grad_U(U1, Vt) - grad_U(U2, Vt)) / torch.linalg.matrix_norm(U1 - U2)).item()
+
+
+def perturbed_layer(m, n, r, seed, noise):
+    """A layer whose U_p, Vt_p are orthonormal plus Gaussian noise of Frobenius size `noise`."""
+    g = torch.Generator().manual_seed(seed)
+    U, V = orthonormal(m, r, seed), orthonormal(n, r, seed + 1)
+    dU, dV = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
+    U = U + noise * dU / torch.linalg.matrix_norm(dU)
+    V = V + noise * dV / torch.linalg.matrix_norm(dV)
+    return layer_with(U, V.T)
+
+
+def descend(layer, step, steps, squared):
+    """Gradient descent on L_reg alone at a fixed step; the paper-form L_reg after each step."""
+    history = []
+    for _ in range(steps):
+        layer.U_p.grad = layer.Vt_p.grad = None
+        orthonormal_regularizer([layer], squared=squared).backward()
+        with torch.no_grad():
+            for p in (layer.U_p, layer.Vt_p):
+                p.sub_(step * p.grad)
+            history.append(orthonormal_regularizer([layer]).item())
+    return history
+
+
+def sweep(steps_sizes, m=64, n=48, r=8, noise=0.3, steps=2000, seed=0):
+    """Rows (step, form, final L_reg, max of the last 100, first step with L_reg < 1e-10 or None)."""
+    rows = []
+    for step in steps_sizes:
+        for squared in (False, True):
+            h = descend(perturbed_layer(m, n, r, seed, noise), step, steps, squared)
+            below = next((i + 1 for i, v in enumerate(h) if v < 1e-10), None)
+            rows.append((step, "squared" if squared else "paper", h[-1], max(h[-100:]), below))
+    return rows
+
+
+def main():
+    torch.manual_seed(0)
+    print("Theorem 5.1 (convexity): L_reg at the midpoint of two orthonormal points vs their mean")
+    print(f"{'m x n, r':>12} {'L_reg(mid)':>11} {'mean(ends)':>11}")
+    for m, n, r in [(8, 6, 1), (64, 48, 8), (256, 128, 32)]:
+        mid, mean = convexity_counterexample(m, n, r, seed=0)
+        print(f"{f'{m}x{n}, {r}':>12} {mid:11.4f} {mean:11.2e}")
+    print("\nProof of 5.1, Eq. 16: second difference at U_p = 0 vs the proof's 2||W^T W||_F")
+    for m, n, r in [(8, 6, 1), (64, 48, 8)]:
+        measured, claimed = second_difference_at_zero(m, n, r, seed=0)
+        print(f"  {m}x{n}, r={r}: measured {measured:10.3f}   claimed {claimed:10.3f}")
+    print("\nTheorem 5.2 (Lipschitz gradient): ||grad(U1) - grad(U2)|| / ||U1 - U2|| across orthonormality")
+    for delta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
+        print(f"  delta={delta:7.0e}  ratio={gradient_jump_ratio(64, 48, 8, 0, delta):12.1f}")
+    print("\nTheorem 5.3: gradient descent on L_reg alone, 64x48, r=8, ||noise||_F = 0.3, 2000 steps")
+    print(f"{'step':>6} {'form':>8} {'final L_reg':>12} {'max last 100':>13} {'/ step':>7} {'below 1e-10 at':>15}")
+    for step, form, final, late_max, below in sweep([1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.2, 0.24, 0.26, 0.3, 0.5]):
+        ratio = f"{late_max / step:7.2f}" if form == "paper" else f"{'-':>7}"
+        print(f"{step:6g} {form:>8} {final:12.3e} {late_max:13.3e} {ratio} "
+              f"{'step ' + str(below) if below else 'never':>15}")
+
+
+if __name__ == "__main__":
+    main()
