@@ -16,13 +16,14 @@ PiSSA is the same split with U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p traine
 two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regularizes.
 
 Map of the file: svd_split -> SORSALinear -> apply_sorsa / orthonormal_regularizer /
-sorsa_loss / merge_sorsa -> adapter save, load and LoRA export -> delta_sigma, delta_d.
+sorsa_loss / cosine_schedule / merge_sorsa -> adapter save, load and LoRA export -> delta_sigma, delta_d.
 
 Dtype policy: the SVD runs in float64 for float64 weights and in float32 otherwise
 (bf16 and fp16 SVDs are either unsupported or far too inaccurate); every tensor a layer
 stores is then cast back, once, to the weight's dtype.
 """
 
+import math
 import os
 import tempfile
 
@@ -340,6 +341,21 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False):
     if gamma == 0:
         return train_loss
     return train_loss + (gamma / lr_max) * orthonormal_regularizer(model, squared)
+
+
+def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
+    """The paper's schedule (App. B): linear warm-up over 3% of the steps, then cosine decay to 0.
+
+    Its peak is the optimizer's lr, which is the lr_max that sorsa_loss needs.
+    """
+    warmup = max(1, round(warmup_ratio * total_steps))
+
+    def factor(step):  # multiplies the optimizer's lr at `step`
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def merge_sorsa(model):
