@@ -15,8 +15,8 @@ The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in))
 PiSSA is the same split with U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained as
 two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regularizes.
 
-Map of the file: svd_split -> SORSALinear -> apply_sorsa / orthonormal_regularizer /
-sorsa_loss / cosine_schedule / merge_sorsa -> adapter save, load and LoRA export -> delta_sigma, delta_d.
+Map of the file: svd_split -> SORSALinear -> apply_sorsa, orthonormal_regularizer, sorsa_loss,
+cosine_schedule, merge_sorsa -> adapter save, load and LoRA export -> delta_sigma, delta_d.
 
 Dtype policy: the SVD runs in float64 for float64 weights and in float32 otherwise
 (bf16 and fp16 SVDs are either unsupported or far too inaccurate); every tensor a layer
@@ -181,8 +181,8 @@ class SORSALinear(nn.Module):
 
     def merge(self):
         """A plain, frozen nn.Linear with weight W_r + U_p diag(S_p) Vt_p: no inference latency."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.W_r.device, dtype=self.W_r.dtype)
+        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
+                                    device=self.W_r.device, dtype=self.W_r.dtype)  # no random init to overwrite
         with torch.no_grad():
             cd = _compute_dtype(self.W_r.dtype)
             W = self.W_r.to(cd) + principal_weight(self.U_p, self.S_p, self.Vt_p, cd)  # (m, n)
@@ -419,12 +419,13 @@ def _check_adapter_layer(model, name, parts):
         raise TypeError(f"the adapter targets {name}, which is {type(mod).__name__}, not a plain nn.Linear base layer")
     m, n = mod.weight.shape
     r = parts["S_p"].shape[0] if parts["S_p"].dim() == 1 else -1
-    expected = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}
+    shape_of = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}  # the initial U_p0, S_p0, Vt_p0 alike
     for key in ADAPTER_KEYS:
-        if tuple(parts[key].shape) != expected[key.rstrip("0")]:
+        expected = shape_of[key.removesuffix("0")]
+        if tuple(parts[key].shape) != expected:
             raise ValueError(
                 f"adapter tensor {name}.{key} has shape {tuple(parts[key].shape)} but layer {name} "
-                f"is {m}x{n} (out x in), which needs {expected[key.rstrip('0')]}; is it the right base model?"
+                f"is {m}x{n} (out x in), which needs {expected}; is it the right base model?"
             )
     _check_rank(r, m, n, f" for layer {name}")
     for key in ADAPTER_KEYS:

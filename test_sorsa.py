@@ -7,6 +7,7 @@ the size of the quantities themselves) always fails.
 
 import copy
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, strategies as st
 
+import bench
 import sorsa
 from theory import condition_number, regularizer
 from sorsa import (SORSALinear, adapter_state_dict, apply_sorsa, delta_d, delta_sigma, load_adapter,
@@ -520,20 +522,12 @@ def test_targets_match_whole_name_components_only():
 # ----------------------------------------------------------------------------- Table 1 from shapes
 
 
-BLOCKS = {  # (in -> out) of every linear layer of one block, from the published configs
-    "Llama 2 7B": (32, [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]),
-    "Mistral 7B": (32, [(4096, 4096)] * 2 + [(4096, 1024)] * 2 + [(4096, 14336)] * 2 + [(14336, 4096)]),
-    "Gemma 7B": (28, [(3072, 4096)] * 3 + [(4096, 3072)] + [(3072, 24576)] * 2 + [(24576, 3072)]),
-    "RWKV6 7B": (32, [(4096, 4096)] * 5 + [(4096, 14336), (14336, 4096), (4096, 4096)]),
-}
-
-
 @pytest.mark.parametrize("model_name, rank, millions", [
     ("Llama 2 7B", 128, 320), ("Mistral 7B", 64, 168), ("Gemma 7B", 64, 200), ("RWKV6 7B", 64, 176)])
 def test_trainable_parameters_of_table_1_from_meta_shapes(model_name, rank, millions):
-    blocks, shapes = BLOCKS[model_name]
-    model = nn.ModuleList(
-        nn.ModuleList(nn.Linear(i, o, bias=False, device="meta") for i, o in shapes) for _ in range(blocks))
+    """Every linear layer of every block adapted; shapes from the published configs (bench.LLM_BLOCKS)."""
+    model = bench.meta_blocks(model_name)
+    blocks, shapes = bench.LLM_BLOCKS[model_name]
     assert len(apply_sorsa(model, rank)) == blocks * len(shapes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert round(trainable / 1e6) == millions
@@ -671,3 +665,19 @@ def test_theorem_5_5_mechanism_the_regularizer_keeps_U_p_and_V_p_orthonormal():
     for seed in range(2):
         unreg, reg = condition_number.run(task, seed, 0.0), condition_number.run(task, seed, 0.1 * task.lr)
         assert reg[1.0]["kappa_U"] < unreg[1.0]["kappa_U"] and reg[1.0]["kappa_V"] < unreg[1.0]["kappa_V"]
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch):
+    readme = (pathlib.Path(__file__).parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # it writes adapter.pt
+    namespace = {}
+    exec(code, namespace)
+    model, base = namespace["model"], namespace["base"]
+    assert not sorsa.sorsa_modules(model) and len(sorsa.sorsa_modules(base)) == 2
+    x = torch.randn(5, 64)
+    with torch.no_grad():  # merged fine-tuned model == original model with the adapter loaded
+        assert torch.allclose(model(x), base(x), atol=1e-5)

@@ -17,6 +17,7 @@ pass of each form on the CPU, as a ratio to our forward (sorsa.SORSALinear). The
     python -m theory.fused_forward          (under a minute on a 2-core CPU)
 """
 
+import math
 import statistics
 import time
 
@@ -69,19 +70,37 @@ def init_errors(m=96, n=64, r=16):
     return out
 
 
-def time_forms(forms, tokens, n, blocks=3, reps=3):
-    """Median seconds of one forward + backward per form, the forms interleaved block by block."""
-    x = torch.randn(tokens, n, requires_grad=True)
-    samples = {name: [] for name in forms}
-    for block in range(blocks + 1):  # block 0 warms up
-        for name, (forward, params) in forms.items():
+def interleaved_times(fns, blocks=3, min_block_s=0.1):
+    """Median seconds per call of each fn(); the fns take turns block by block, so that the
+    machine's drifts hit all of them alike, and each block lasts at least min_block_s."""
+    reps = {}
+    for name, fn in fns.items():  # warm up, then size the blocks from one timed call
+        fn()
+        start = time.perf_counter()
+        fn()
+        reps[name] = max(1, math.ceil(min_block_s / (time.perf_counter() - start)))
+    samples = {name: [] for name in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
             start = time.perf_counter()
-            for _ in range(reps):
-                y = forward(x)
-                torch.autograd.grad(y.sum(), [x, *params])
-            if block:
-                samples[name].append((time.perf_counter() - start) / reps)
+            for _ in range(reps[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / reps[name])
     return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def time_forms(forms, tokens, n, blocks=3):
+    """Median seconds of one forward + backward (to the input and the trainable tensors) per form."""
+    x = torch.randn(tokens, n, requires_grad=True)
+
+    def step(forward, params):
+        def call():
+            torch.autograd.grad(forward(x).sum(), [x, *params])
+            if x.is_cuda:  # wait for the GPU, or only the launch is timed
+                torch.cuda.synchronize()
+        return call
+
+    return interleaved_times({name: step(*form) for name, form in forms.items()}, blocks)
 
 
 def main():
