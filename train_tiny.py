@@ -198,6 +198,11 @@ METHODS = ("sorsa", "sorsa_g0", "pissa", "lora", "full", "sorsa_sq")
 # ----------------------------------------------------------------------------- base model, cached
 
 
+def autocast(device):
+    """bf16 autocast on CUDA, as the paper's mixed precision; plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def pretrain(cfg, device, progress):
     """Train TinyGPT on the generated corpus; returns the model and its final loss."""
     torch.manual_seed(0)
@@ -328,11 +333,6 @@ def weight_change(model, base, names):
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, as the paper's mixed precision; plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def answer_loss(model, batch, device):
     x, y, mask = batch
     with autocast(device):
@@ -390,14 +390,12 @@ def finetune(method, base, test, cfg, seed, device, progress, log):
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
-        if (step + 1) % max(1, cfg.steps // 5) == 0 or step == 0:
+        if step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
             eval_loss, acc = evaluate(model, test, device)
             d_sigma, d_d = weight_change(model, base, names)
             log({"method": method, "seed": seed, "step": step + 1, "train_loss": loss.item(), "eval_loss": eval_loss,
                  "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
-    eval_loss, acc = evaluate(model, test, device)
-    d_sigma, d_d = weight_change(model, base, names)
-    tail = losses[-max(1, cfg.steps // 10):]
+    tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
     return {"params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail), "eval_loss": eval_loss,
             "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
 
