@@ -485,7 +485,8 @@ def lora_state_dict(model):
 
 def _svd64(W_0, W_t):
     """SVDs of two same-shape weights in float64 on the CPU, as the paper advises (App. B.1)."""
-    if not (isinstance(W_0, torch.Tensor) and isinstance(W_t, torch.Tensor)) or W_0.dim() != 2 or W_0.shape != W_t.shape:
+    tensors = isinstance(W_0, torch.Tensor) and isinstance(W_t, torch.Tensor)
+    if not tensors or W_0.dim() != 2 or W_0.shape != W_t.shape:
         raise ValueError(
             f"delta_sigma/delta_d need two 2-D weights of one shape, got "
             f"{tuple(getattr(W_0, 'shape', ()))} and {tuple(getattr(W_t, 'shape', ()))}"

@@ -457,7 +457,10 @@ def plot(log_path, out):
         for method in dict.fromkeys(r["method"] for r in rows):
             points = [(r["step"], r[key]) for r in rows if r["method"] == method and r["seed"] == 0]
             ax.plot(*zip(*points), label=method)
-        ax.set_xlabel("step"), ax.set_title(key), ax.legend()
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.set_yscale("log" if key == "eval_loss" else "linear")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     print(f"plot: {os.path.join(out, 'curves.png')}")
