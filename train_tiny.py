@@ -341,25 +341,44 @@ def answer_loss(model, batch, device):
 
 
 @torch.no_grad()
+def greedy(model, prompts, new_tokens, device):
+    """The greedy continuation of each prompt, up to its first newline."""
+    by_length = {}
+    for i, prompt in enumerate(prompts):  # batch prompts of one length: no padding inside a prompt
+        by_length.setdefault(len(prompt), []).append(i)
+    out = [None] * len(prompts)
+    for length, rows in by_length.items():
+        idx = torch.tensor([encode(prompts[i]) for i in rows], device=device)  # (B, length)
+        for _ in range(new_tokens):
+            with autocast(device):
+                nxt = model(idx)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        for i, ids in zip(rows, idx.tolist()):
+            out[i] = decode(ids[length:]).split("\n")[0]
+    return out
+
+
+@torch.no_grad()
 def evaluate(model, test, device):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on the test problems."""
     model.eval()
     loss = answer_loss(model, problem_batch(test, device), device).item()
-    correct = 0
-    by_length = {}
-    for prompt, answer in test:  # batch prompts of one length: no padding inside a prompt
-        by_length.setdefault(len(prompt), []).append((prompt, answer))
-    for group in by_length.values():
-        idx = torch.tensor([encode(p + " ") for p, _ in group], device=device)
-        for _ in range(8):  # the longest answer, "10+10=20", and its newline
-            with autocast(device):
-                nxt = model(idx)[:, -1].argmax(-1, keepdim=True)
-            idx = torch.cat([idx, nxt], dim=1)
-        for (prompt, answer), ids in zip(group, idx.tolist()):
-            # Exact match of the final number, as GSM-8K scores the number after "####".
-            correct += decode(ids[len(prompt) + 1:]).split("\n")[0].split("=")[-1] == answer.split("=")[-1]
+    # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
+    # number, as GSM-8K scores the number after "####".
+    answers = greedy(model, [p + " " for p, _ in test], 8, device)
+    correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, test))
     model.train()
     return loss, correct / len(test)
+
+
+def arithmetic_accuracy(model, device, n=200):
+    """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
+    rng = random.Random("facts")
+    facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
+    model.eval()
+    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, device)
+    model.train()
+    return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 
 def finetune(method, base, test, cfg, seed, device, progress, log):
@@ -494,7 +513,8 @@ def run(cfg):
     base.requires_grad_(False)
     test = [word_problem(random.Random(f"test {i}")) for i in range(cfg.test_size)]
     base_loss, base_acc = evaluate(base, test, device)
-    print(f"base model on the task: eval loss {base_loss:.3f}, accuracy {base_acc:.1%}")
+    print(f"base model: {arithmetic_accuracy(base, device):.1%} of 200 arithmetic facts right; "
+          f"on the task: eval loss {base_loss:.3f}, accuracy {base_acc:.1%}")
     os.makedirs(cfg.out, exist_ok=True)
     log_path = os.path.join(cfg.out, "log.jsonl")
     results, checks = {}, None
