@@ -57,13 +57,16 @@ def dense_eq3(layer, x):
 
 
 def forward_tolerance(layer, x):
-    """Elementwise bound on |SORSA(x) - x W_0^T| from rounding alone: C eps (|x| |W_r| + |x| |W_p|)."""
+    """Elementwise bound on |SORSA(x) - x W_0^T - b| from rounding alone: C eps (|x| |W_r| + |x| |W_p| + |b|)."""
     dtype = layer.W_r.dtype
     absW = layer.W_r.double().abs() + (layer.U_p.double().abs() * layer.S_p.double().abs()) @ layer.Vt_p.double().abs()
     # CPU bf16 matmuls accumulate in float32: a few roundings of the result; wider dtypes
     # accumulate in their own precision: up to one rounding per summed term.
     C = 8 if dtype == torch.bfloat16 else 8 + 2 * max(layer.in_features, layer.rank)
-    return C * eps(dtype) * (x.double().abs() @ absW.T) + 1e-30
+    scale = x.double().abs() @ absW.T  # (..., m)
+    if layer.bias is not None:  # adding the bias rounds too
+        scale = scale + layer.bias.double().abs()
+    return C * eps(dtype) * scale + 1e-30
 
 
 def snapshot(model):
