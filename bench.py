@@ -154,11 +154,7 @@ def regularizer_overhead(device, model_cfg, batch_size):
 
     def step(gamma):
         def call():
-            loss = sorsa.sorsa_loss(train_tiny.answer_loss(model, batch, device), model, gamma, 1e-3)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            train_tiny.train_step(model, opt, params, batch, gamma, 1e-3, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return call

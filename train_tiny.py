@@ -381,6 +381,17 @@ def arithmetic_accuracy(model, device, n=200):
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 
+def train_step(model, opt, params, batch, gamma, lr_max, device, squared=False):
+    """One step of the paper's recipe: answer loss plus (gamma / lr_max) L_reg (Eq. 6; nothing
+    for gamma = 0), backward, clipping to norm 1.0, optimizer step. Returns the answer loss."""
+    loss = answer_loss(model, batch, device)
+    opt.zero_grad()
+    sorsa.sorsa_loss(loss, model, gamma, lr_max, squared).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
 def finetune(method, base, test, cfg, seed, device, progress, log):
     """Fine-tune one method with one seed; a dict of the reported numbers, and the model."""
     model, lr = prepare(method, base, cfg)
@@ -399,12 +410,8 @@ def finetune(method, base, test, cfg, seed, device, progress, log):
             if p[0] not in test_prompts:
                 problems.append(p)
         start = time.perf_counter()
-        loss = answer_loss(model, problem_batch(problems, device), device)
-        total = sorsa.sorsa_loss(loss, model, gamma, lr, squared=method == "sorsa_sq") if gamma else loss
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = train_step(model, opt, params, problem_batch(problems, device), gamma, lr, device,
+                          squared=method == "sorsa_sq")
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
