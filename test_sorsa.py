@@ -684,3 +684,19 @@ def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch):
     x = torch.randn(5, 64)
     with torch.no_grad():  # merged fine-tuned model == original model with the adapter loaded
         assert torch.allclose(model(x), base(x), atol=1e-5)
+
+
+@given(st.integers(1, 400), st.floats(0.0, 0.3))
+def test_cosine_schedule_warms_up_linearly_peaks_at_lr_max_then_decays_to_zero(total, warmup_ratio):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = sorsa.cosine_schedule(opt, total, warmup_ratio)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    warmup = max(1, round(warmup_ratio * total))
+    assert lrs[:warmup] == pytest.approx([2.0 * (i + 1) / warmup for i in range(min(warmup, total))])
+    assert max(lrs) == pytest.approx(2.0)  # the peak is lr_max, as sorsa_loss assumes
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))  # then never rises
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) or total <= warmup
