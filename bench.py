@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sorsa
 import train_tiny
@@ -140,6 +141,44 @@ def llama_projection(init, square, mlp, niters):
 
 
 # ----------------------------------------------------------------------------- 4. regularizer
+
+
+VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "select", "slice", "transpose", "t", "permute",
+            "expand", "unsqueeze", "squeeze", "detach", "alias", "as_strided", "unbind", "split", "diagonal"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the tensor operations that launch work (a kernel on a GPU); views are free."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] not in VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def stand_in_layers(shapes, blocks, rank, divisor=1):
+    """SORSA layers of the (in, out) shapes (each divided by `divisor`), `blocks` times over, their
+    factor gradients already filled, as after the task loss's backward."""
+    layers = []
+    for _ in range(blocks):
+        for i, o in shapes:
+            i, o = max(rank, i // divisor), max(rank, o // divisor)
+            layer = sorsa.SORSALinear(torch.randn(o, rank), torch.rand(rank), torch.randn(rank, i), torch.zeros(o, i))
+            for p in (layer.U_p, layer.S_p, layer.Vt_p):
+                p.grad = torch.zeros_like(p)
+            layers.append(layer)
+    return layers
+
+
+def regularizer_op_count(layers):
+    """Operations launched by one forward + backward of the regularizer over `layers`."""
+    with LaunchCounter() as counter:
+        sorsa.orthonormal_regularizer(layers).backward()
+    return counter.count
+
 
 
 def regularizer_overhead(device, model_cfg, batch_size):

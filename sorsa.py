@@ -1,6 +1,6 @@
 """SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation.
 
-Reference implementation of arXiv:2409.00055, in one file that needs only torch.
+Reference implementation of arXiv:2409.00055, in one file that needs only torch (>= 2.6).
 
 The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in)):
 
@@ -15,21 +15,32 @@ The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in))
 PiSSA is the same split with U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained as
 two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regularizes.
 
-Map of the file: svd_split -> SORSALinear -> apply_sorsa, orthonormal_regularizer, sorsa_loss,
-cosine_schedule, merge_sorsa -> adapter save, load and LoRA export -> delta_sigma, delta_d.
+Map of the file: the method (svd_split -> SORSALinear -> orthonormal_regularizer, sorsa_loss,
+cosine_schedule); the model-level verbs (apply_sorsa, merge_sorsa, adapters, LoRA and PEFT
+export); the analysis metrics (delta_sigma, delta_d); the checks; the glue for DDP, FSDP2
+and torch.compile.
 
-Dtype policy: the SVD runs in float64 for float64 weights and in float32 otherwise
-(bf16 and fp16 SVDs are either unsupported or far too inaccurate); every tensor a layer
-stores is then cast back, once, to the weight's dtype.
+Precision, as in mixed-precision training: what trains (U_p, S_p, Vt_p and their initial
+copies) is stored in float32 whatever the weight's dtype (float64 stays float64); what is
+frozen (W_r, the bias) keeps the weight's dtype; the forward computes in the activations'
+dtype; the SVD, the residual, the regularizer and the merge are computed in float32 or
+wider and cast once. (A bf16 factor would round away every update smaller than 1/256 of
+its entry: at lr 3e-5 the singular values never move.)
 """
 
+import ctypes
+import difflib
+import hashlib
+import json
 import math
 import os
 import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
 
 ADAPTER_KEYS = ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0")  # per layer, in an adapter file
 
@@ -37,53 +48,23 @@ ADAPTER_KEYS = ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0")  # per layer, in 
 # ----------------------------------------------------------------------------- SVD split
 
 
-def _compute_dtype(dtype):
-    """The dtype the SVD and the residual are computed in: float64 stays, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _wide(*dtypes):
+    """float64 if any of the dtypes is float64, else float32: the dtype of exact computations."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _check_rank_type(rank):
-    """Raise unless rank is an int (bool excluded)."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+def add_principal(W, U_p, S_p, Vt_p, sign):
+    """W + sign * U_p diag(S_p) Vt_p, computed wide and cast once to W's dtype: (m, n) -> (m, n).
 
-
-def _check_rank(rank, m, n, where=""):
-    """Raise unless rank is an int in [1, min(m, n)]; `where` names the layer for the message."""
-    _check_rank_type(rank)
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(
-            f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}]{where}; "
-            f"choose a rank between 1 and {min(m, n)}"
-        )
-
-
-def _check_weight(weight, where=""):
-    """Raise unless weight is a 2-D floating tensor with only finite values (meta: shape only)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight{where} must be a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)}")
-    if not weight.is_floating_point():
-        raise TypeError(
-            f"weight{where} has dtype {weight.dtype}; SORSA needs a floating weight "
-            "(float32, float64, bfloat16 or float16): dequantize or cast it first"
-        )
-    if not weight.is_meta and not torch.isfinite(weight).all():
-        raise ValueError(f"weight{where} contains NaN or Inf; the SVD of a non-finite matrix is undefined")
-
-
-def principal_weight(U_p, S_p, Vt_p, dtype):
-    """W_p = U_p diag(S_p) Vt_p (Eq. 1), computed in `dtype`: (m, r), (r,), (r, n) -> (m, n)."""
-    return (U_p.to(dtype) * S_p.to(dtype)) @ Vt_p.to(dtype)  # (m, n); diag as a column scale
-
-
-def residual(W_0, U_p, S_p, Vt_p):
-    """W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2), computed wide and cast to W_0's dtype.
-
-    Taken as a difference, not as U_r diag(S_r) V_r^T, so that W_r + W_p gives back W_0
-    to one rounding in W_0's dtype whatever the accuracy of the factors.
+    sign = -1 gives the residual W_r = W_0 - W_p (Eq. 2), +1 the merged weight W_r + W_p.
+    The residual is taken as a difference, not as U_r diag(S_r) V_r^T, so that W_r + W_p
+    gives back W_0 to one rounding whatever the accuracy of the factors. The one (m, n)
+    temporary is the wide copy of W, into which the product is added in place.
     """
-    cd = _compute_dtype(W_0.dtype)
-    return (W_0.to(cd) - principal_weight(U_p, S_p, Vt_p, cd)).to(W_0.dtype)  # (m, n)
+    cd = _wide(W.dtype, U_p.dtype)
+    out = W.detach().to(cd, copy=True)  # (m, n)
+    out.addmm_(U_p.to(cd) * S_p.to(cd), Vt_p.to(cd), alpha=sign)  # diag(S_p) as a column scale
+    return out.to(W.dtype)
 
 
 def _sketch_columns(rank):
@@ -110,34 +91,38 @@ def _randomized_svd(W, rank, niter):
     return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
 
 
-def svd_split(weight, rank, niter=None):
+def _top_triplets(weight, rank, niter):
+    """U_p (m, r), S_p (r,), Vt_p (r, n) of the weight, in float32 or float64 (bf16 and fp16
+    SVDs are unsupported or far too inaccurate). Returning frees the full U and V^T."""
+    W = weight.detach().to(_wide(weight.dtype))  # (m, n), upcast by assignment
+    if niter is not None and _sketch_columns(rank) < min(W.shape):
+        return _randomized_svd(W, rank, niter)
+    U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
+    return U[:, :rank], S[:rank], Vt[:rank]
+
+
+def svd_split(weight, rank, niter=None, factor_dtype=None):
     """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2).
 
-    niter=None: exact SVD. An int: randomized SVD with that many power iterations,
-    much faster for large weights (bench.py: niter=3 is 24x faster at 4096x11008 and keeps
-    the top 128 singular values of an LLM-like spectrum within 0.5%). On the meta
-    device only shapes exist, so empty meta tensors of the right shapes come back.
+    niter=None: exact SVD. An int: randomized SVD with that many power iterations, much
+    faster for large weights (bench.py: niter=3 is 24x faster at 4096x11008 and keeps the
+    top 128 singular values of an LLM-like spectrum within 0.5%). The factors come back in
+    factor_dtype (default: float32, float64 for a float64 weight), W_r in the weight's
+    dtype. On the meta device only shapes exist: empty meta tensors come back.
     """
     _check_weight(weight)
     m, n = weight.shape
     _check_rank(rank, m, n)
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-        raise ValueError(f"niter must be None (exact SVD) or an int >= 0, got {niter!r}")
+    _check_niter(niter)
+    factor_dtype = _check_factor_dtype(factor_dtype) or _wide(weight.dtype)
     if weight.is_meta:
-        meta = dict(device="meta", dtype=weight.dtype)
-        return (torch.empty(m, rank, **meta), torch.empty(rank, **meta),
-                torch.empty(rank, n, **meta), torch.empty(m, n, **meta))
+        return (torch.empty(m, rank, device="meta", dtype=factor_dtype), torch.empty(rank, device="meta", dtype=factor_dtype),
+                torch.empty(rank, n, device="meta", dtype=factor_dtype), torch.empty_like(weight))
     with torch.no_grad():
-        W = weight.detach().to(_compute_dtype(weight.dtype))  # (m, n), upcast by assignment
-        if niter is None or _sketch_columns(rank) >= min(m, n):  # sketch as large as W: exact
-            U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
-            U_p, S_p, Vt_p = U[:, :rank], S[:rank], Vt[:rank]
-        else:
-            U_p, S_p, Vt_p = _randomized_svd(W, rank, niter)
-        # Cast the factors first, then take the residual from the cast factors, so that
-        # the rounding of U_p, S_p, Vt_p to a narrow dtype is absorbed into W_r.
-        U_p, S_p, Vt_p = (t.to(weight.dtype).contiguous() for t in (U_p, S_p, Vt_p))
-        return U_p, S_p, Vt_p, residual(weight.detach(), U_p, S_p, Vt_p)
+        U_p, S_p, Vt_p = (t.to(factor_dtype, memory_format=torch.contiguous_format, copy=True)
+                          for t in _top_triplets(weight, rank, niter))
+        # The residual comes from the stored factors, so a narrow factor_dtype's rounding goes into W_r.
+        return U_p, S_p, Vt_p, add_principal(weight, U_p, S_p, Vt_p, -1)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -147,9 +132,11 @@ class SORSALinear(nn.Module):
     """y = x W_r^T + ((x Vt_p^T) * S_p) U_p^T + b (Eq. 3, fused as in Eq. 15); x (..., n) -> y (..., m).
 
     Trainable: U_p (m, r), S_p (r,), Vt_p (r, n), that is r (m + n + 1) numbers.
-    Frozen: the residual W_r (m, n), the bias, and a copy of the initial factors
-    (U_p0, S_p0, Vt_p0) so that the learned change W_p,t - W_p,0 can be exported.
-    Built ready to train from a split, normally through `SORSALinear.from_linear`.
+    Frozen, as nn.Parameters with requires_grad=False (as a frozen nn.Linear's weight, so
+    that DDP does not broadcast them and FSDP shards them): the residual W_r (m, n), the
+    bias, and a copy of the initial factors U_p0, S_p0, Vt_p0, so that the learned change
+    W_p,t - W_p,0 can be exported. State-dict keys, in order: U_p, S_p, Vt_p, W_r, U_p0,
+    S_p0, Vt_p0, bias. Built ready to train, normally through `SORSALinear.from_linear`.
     """
 
     def __init__(self, U_p, S_p, Vt_p, W_r, bias=None):
@@ -161,171 +148,72 @@ class SORSALinear(nn.Module):
                 f"Vt_p {tuple(Vt_p.shape)}, W_r {tuple(W_r.shape)}; expected (m, r), (r,), (r, n), (m, n)"
             )
         self.in_features, self.out_features, self.rank = n, m, r
-        self.U_p = nn.Parameter(U_p.detach().clone())  # (m, r)
-        self.S_p = nn.Parameter(S_p.detach().clone())  # (r,)
-        self.Vt_p = nn.Parameter(Vt_p.detach().clone())  # (r, n)
-        # Buffers, not parameters: no optimizer can pick them up, yet they move with .to().
-        self.register_buffer("W_r", W_r.detach().clone())  # (m, n)
-        self.register_buffer("U_p0", U_p.detach().clone())  # (m, r)
-        self.register_buffer("S_p0", S_p.detach().clone())  # (r,)
-        self.register_buffer("Vt_p0", Vt_p.detach().clone())  # (r, n)
+        self.U_p, self.S_p, self.Vt_p = (nn.Parameter(t.detach().clone()) for t in (U_p, S_p, Vt_p))
+        self.W_r = nn.Parameter(W_r.detach(), requires_grad=False)  # (m, n), not copied: as large as the weight
+        self.U_p0, self.S_p0, self.Vt_p0 = (nn.Parameter(t.detach().clone(), requires_grad=False)
+                                            for t in (U_p, S_p, Vt_p))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear, rank, niter=None):
+    def from_linear(cls, linear, rank, niter=None, factor_dtype=None):
         """A ready SORSA layer whose output equals `linear`'s (Eq. 3 at t = 0)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        U_p, S_p, Vt_p, W_r = svd_split(linear.weight, rank, niter)
-        return cls(U_p, S_p, Vt_p, W_r, linear.bias)
+        return cls(*svd_split(linear.weight, rank, niter, factor_dtype), linear.bias)
 
     def forward(self, x):
-        # Never builds the (m, n) matrix W_p: the adapter costs r (m + n) multiply-adds
-        # per token, like LoRA, instead of m n r per call to form U_p diag(S_p) Vt_p.
-        low = F.linear(x, self.Vt_p) * self.S_p  # (..., r); diag(S_p) as an elementwise scale
-        return F.linear(x, self.W_r, self.bias) + F.linear(low, self.U_p)  # (..., m)
+        # Never builds the (m, n) matrix W_p: the adapter costs r (m + n) multiply-adds per
+        # token, like LoRA, instead of m n r per call to form U_p diag(S_p) Vt_p. The float32
+        # factors are cast to the activations' dtype (bf16 activations: bf16 matmuls); their
+        # gradients come back through the cast in float32.
+        low = F.linear(x, self.Vt_p.to(x.dtype))  # (..., r)
+        low = low * self.S_p.to(low.dtype)  # diag(S_p) as an elementwise scale
+        return F.linear(x, self.W_r, self.bias) + F.linear(low, self.U_p.to(low.dtype))  # (..., m)
 
     def merge(self):
         """A plain, frozen nn.Linear with weight W_r + U_p diag(S_p) Vt_p: no inference latency."""
+        W_r, U_p, S_p, Vt_p = (_full(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
         linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
-                                    device=self.W_r.device, dtype=self.W_r.dtype)  # no random init to overwrite
+                                    device=W_r.device, dtype=W_r.dtype)  # no random init to overwrite
         with torch.no_grad():
-            cd = _compute_dtype(self.W_r.dtype)
-            W = self.W_r.to(cd) + principal_weight(self.U_p, self.S_p, self.Vt_p, cd)  # (m, n)
-            linear.weight.copy_(W)
+            linear.weight.copy_(add_principal(W_r, U_p, S_p, Vt_p, +1))
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.requires_grad_(False)
-        return linear
+                linear.bias.copy_(_full(self.bias))
+        return linear.requires_grad_(False)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-# ----------------------------------------------------------------------------- model-level verbs
-
-
-def sorsa_modules(model):
-    """(name, SORSALinear) pairs of a model, or of an iterable of SORSALinear layers."""
-    if isinstance(model, nn.Module):
-        return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SORSALinear)]
-    layers = list(model)
-    bad = [type(mod).__name__ for mod in layers if not isinstance(mod, SORSALinear)]
-    if bad:
-        raise TypeError(f"expected a model or SORSALinear layers, got {', '.join(sorted(set(bad)))}")
-    return [(str(i), mod) for i, mod in enumerate(layers)]
-
-
-def _require_adapters(model):
-    """sorsa_modules(model), or a ValueError saying how to add adapters first."""
-    found = sorsa_modules(model)
-    if not found:
-        raise ValueError("the model has no SORSA adapters; call apply_sorsa(model, rank) first")
-    return found
-
-
-def _normalize_targets(target_modules):
-    """None (every nn.Linear), or a non-empty tuple of name patterns."""
-    if target_modules is None:
-        return None
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"target_modules must be None, a name or a list of names, got {target_modules!r}")
-    return targets
-
-
-def _matches(name, targets):
-    """A module name matches a pattern if it is the pattern or ends with '.' + pattern."""
-    return targets is None or any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _freeze_all_but_adapters(model):
-    """requires_grad only for the U_p, S_p, Vt_p of every SORSA layer."""
-    model.requires_grad_(False)
-    for _, mod in sorsa_modules(model):
-        for p in (mod.U_p, mod.S_p, mod.Vt_p):
-            p.requires_grad_(True)
-
-
-def _replace_all(model, new_modules):
-    """Swap in every prepared module (name -> module); nothing is swapped before all are built."""
-    for name, module in new_modules.items():
-        model.set_submodule(name, module)
-
-
-def _select_targets(model, rank, targets):
-    """Names of the nn.Linear layers to adapt, after checking every one of them."""
-    if sorsa_modules(model):
-        raise ValueError(
-            "the model already has SORSA adapters; adapting twice would split the split. "
-            "Call merge_sorsa(model) first, or start from the base model"
-        )
-    owners = {}  # id(parameter) -> every name it is reachable under (tied weights share one)
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    selected = []
-    for name, mod in model.named_modules():
-        if not name or not _matches(name, targets) or (targets is None and not isinstance(mod, nn.Linear)):
-            continue
-        where = f" for layer {name}"
-        if type(mod) is not nn.Linear:
-            raise TypeError(
-                f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear; "
-                "SORSA replaces plain nn.Linear layers only: pass target_modules that exclude it"
-            )
-        tied = [o for o in owners[id(mod.weight)] if o != f"{name}.weight"]
-        if tied:
-            raise ValueError(f"{name}.weight is tied to {', '.join(tied)}; exclude it from target_modules")
-        _check_weight(mod.weight, where)
-        _check_rank(rank, *mod.weight.shape, where)
-        selected.append(name)
-    if not selected:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"no nn.Linear layer matches target_modules={list(targets or [])}; "
-            f"the model's nn.Linear layers are: {', '.join(linears[:8]) or 'none'}"
-            f"{' ...' if len(linears) > 8 else ''}"
-        )
-    return selected
-
-
-def apply_sorsa(model, rank, target_modules=None, niter=None):
-    """Replace matching nn.Linear layers by SORSA layers in place, freeze the rest; return their names.
-
-    target_modules: None for every nn.Linear, or names such as ["q_proj", "v_proj"] matched
-    against the end of each module name. Every target is checked and every new layer is
-    built before the first is swapped in, so a bad target leaves the model as it was
-    (peak memory is therefore the adapted weights twice).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_sorsa needs an nn.Module, got {type(model).__name__}")
-    _check_rank_type(rank)
-    names = _select_targets(model, rank, _normalize_targets(target_modules))
-    new = {name: SORSALinear.from_linear(model.get_submodule(name), rank, niter) for name in names}
-    _replace_all(model, new)
-    _freeze_all_but_adapters(model)
-    return names
+# ----------------------------------------------------------------------------- regularizer and Eq. 6
 
 
 def orthonormal_regularizer(model_or_modules, squared=False):
     """L_reg = sum over layers of ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F (Eq. 4); a scalar.
 
-    Always computed in float32 or wider, with autocast off: in bf16 the products U_p^T U_p
-    are rounded so coarsely that the value at initialization is hundreds of times too large.
+    Read it per layer as Eq. 4; it is computed per factor shape: each layer's U_p (m, r)
+    and Vt_p^T (n, r) is a matrix F whose Gram matrix F^T F should be I, and all the F of
+    one shape are stacked so that one batched product and one batched norm serve them all
+    (a handful of kernels per shape instead of ~25 per layer). Computed in float32 or
+    wider with autocast off: bf16 Grams are hundreds of times too large at initialization.
     squared=True sums the squared norms instead; unlike the paper's norm, its gradient
-    vanishes at orthonormality, so gradient descent settles instead of oscillating there
-    (see theory/). The paper's form is the default.
+    vanishes at orthonormality, so gradient descent settles there (see theory/).
     """
-    total = None
+    _check_model_type(model_or_modules, "model_or_modules")
+    groups = {}  # (shape, dtype, device, process group) -> factors viewed as (k, r), in module order
     for _, mod in _require_adapters(model_or_modules):
-        cd = _compute_dtype(mod.U_p.dtype)
-        with torch.autocast(device_type=mod.U_p.device.type, enabled=False):
-            U, Vt = mod.U_p.to(cd), mod.Vt_p.to(cd)  # (m, r), (r, n)
-            eye = torch.eye(mod.rank, device=U.device, dtype=cd)  # (r, r)
-            for gram in (U.T @ U, Vt @ Vt.T):  # (r, r) each: U_p^T U_p and V_p^T V_p
-                term = torch.linalg.matrix_norm(gram - eye)
-                term = term.square() if squared else term
-                total = term if total is None else total + term.to(total.device)
+        for factor in (mod.U_p, mod.Vt_p.mT):
+            local, group = _local_rows(factor)  # keyed by the whole shape: every rank forms the same groups
+            groups.setdefault((factor.shape, local.dtype, local.device, group), []).append(local)
+    total = None
+    for (shape, dtype, device, group), factors in groups.items():
+        with torch.autocast(device_type=device.type, enabled=False):
+            stacked = torch.stack(factors).to(_wide(dtype))  # (L, k, r)
+            gram = _sum_over_ranks(stacked.mT @ stacked, group)  # (L, r, r): U_p^T U_p or V_p^T V_p
+            eye = torch.eye(shape[1], device=device, dtype=gram.dtype)  # (r, r)
+            norms = torch.linalg.matrix_norm(gram - eye)  # (L,): one Frobenius norm per layer (Eq. 4)
+            term = (norms.square() if squared else norms).sum()
+        total = term if total is None else total + term.to(total.device)
     return total
 
 
@@ -340,6 +228,13 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False):
         loss = sorsa_loss(task_loss, model, gamma=4e-4, lr_max=3e-5)
         loss.backward(); optimizer.step(); scheduler.step()
     """
+    if not isinstance(train_loss, torch.Tensor) or train_loss.numel() != 1:
+        raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {_describe(train_loss)}; "
+                        "the order is sorsa_loss(train_loss, model, gamma, lr_max)")
+    _check_model_type(model, "model")
+    for name, value in (("gamma", gamma), ("lr_max", lr_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {_describe(value)}")
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}; gamma = 0 trains SORSA without the regularizer")
     if not lr_max > 0:
@@ -364,126 +259,207 @@ def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# ----------------------------------------------------------------------------- model-level verbs
+
+
+def sorsa_modules(model):
+    """(name, SORSALinear) pairs of a model (wrappers seen through), or of an iterable of layers."""
+    if isinstance(model, nn.Module):
+        return [(name, mod) for name, mod in _unwrap(model).named_modules() if isinstance(mod, SORSALinear)]
+    layers = list(model)
+    bad = [type(mod).__name__ for mod in layers if not isinstance(mod, SORSALinear)]
+    if bad:
+        raise TypeError(f"expected a model or SORSALinear layers, got {', '.join(sorted(set(bad)))}")
+    return [(str(i), mod) for i, mod in enumerate(layers)]
+
+
+def _convert(model, builders):
+    """Swap in one new layer at a time ({name: build()}), so that at most one extra layer's
+    weight exists at once. An unexpected failure (out of memory, KeyboardInterrupt) leaves
+    every layer either wholly original or wholly SORSA; its message lists the converted ones."""
+    done = []
+    try:
+        for name, build in builders.items():
+            model.set_submodule(name, build())
+            done.append(name)
+    except BaseException as err:
+        err.add_note(f"SORSA: {len(done)} of {len(builders)} layers were converted before this error: "
+                     f"{', '.join(done) or 'none'}. Each layer is wholly original or wholly SORSA; "
+                     "merge_sorsa(model) turns the converted ones back into nn.Linear")
+        raise
+    _freeze_all_but_adapters(model)
+    return list(builders)
+
+
+def _freeze_all_but_adapters(model):
+    """requires_grad only for the U_p, S_p, Vt_p of every SORSA layer."""
+    model.requires_grad_(False)
+    for _, mod in sorsa_modules(model):
+        for p in (mod.U_p, mod.S_p, mod.Vt_p):
+            p.requires_grad_(True)
+
+
+def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None):
+    """Replace matching nn.Linear layers by SORSA layers in place, freeze the rest; return their names.
+
+    target_modules: None for every nn.Linear, or names such as ["q_proj", "v_proj"] matched
+    against the end of each module name; each must match. niter: see svd_split.
+    factor_dtype: the trainable factors' dtype (default float32; float64 for float64 weights).
+    Every target is checked before the first layer is touched, so bad input leaves the
+    model as it was; layers are then converted one at a time (peak memory: one layer).
+    """
+    model = _check_unwrapped_module(model, "apply_sorsa")
+    _check_rank_type(rank)
+    _check_niter(niter)
+    _check_factor_dtype(factor_dtype)
+    names = _select_targets(model, rank, _normalize_targets(target_modules))
+    return _convert(model, {name: lambda name=name: SORSALinear.from_linear(
+        model.get_submodule(name), rank, niter, factor_dtype) for name in names})
+
+
 def merge_sorsa(model):
     """Replace every SORSA layer by its merged nn.Linear in place; return the merged names."""
     found = _require_adapters(model)
-    _replace_all(model, {name: mod.merge() for name, mod in found})
+    _check_finite_factors(found, "merge_sorsa merged nothing")
+    inner = _unwrap(model)
+    for name, mod in found:  # one layer at a time: one extra layer's weight at most
+        inner.set_submodule(name, mod.merge())
     return [name for name, _ in found]
-
-
-# ----------------------------------------------------------------------------- adapters
 
 
 def adapter_state_dict(model):
     """The trained factors and the initial ones, per layer: '{name}.U_p', ..., '{name}.Vt_p0'.
 
     With both, the learned change W_p,t - W_p,0 can be applied to the original base
-    model (whose weight is W_r + W_p,0) without its W_r and without a new SVD.
+    model (whose weight is W_r + W_p,0) without its W_r and without a new SVD. The tensors
+    are copies on the CPU (FSDP2 shards gathered: call it on every rank).
     """
-    return {f"{name}.{key}": getattr(mod, key).detach().cpu().clone()
-            for name, mod in _require_adapters(model) for key in ADAPTER_KEYS}
+    found = _require_adapters(model)
+    _check_finite_factors(found, "no adapter state was made")
+    return {f"{name}.{key}": _full(getattr(mod, key)).detach().to("cpu", copy=True)
+            for name, mod in found for key in ADAPTER_KEYS}
 
 
 def save_adapter(model, path):
-    """Write adapter_state_dict(model) to `path` atomically (a temporary file, then rename)."""
-    state = adapter_state_dict(model)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sorsa-adapter-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write adapter_state_dict(model) to `path` atomically, with a checksum (save_checked)."""
+    save_checked(adapter_state_dict(model), path)
 
 
-def _group_adapter_state(state):
-    """{layer name: {key: tensor}} from a flat adapter state dict, checking every key."""
-    if not isinstance(state, dict) or not state:
-        raise ValueError("an adapter state must be a non-empty dict from adapter_state_dict()")
-    layers = {}
-    for full_key, tensor in state.items():
-        name, _, key = full_key.rpartition(".")
-        if key not in ADAPTER_KEYS or not name:
-            raise ValueError(f"unexpected key {full_key!r} in adapter state; keys end in one of {ADAPTER_KEYS}")
-        layers.setdefault(name, {})[key] = tensor
-    for name, parts in layers.items():
-        missing = [k for k in ADAPTER_KEYS if k not in parts]
-        if missing:
-            raise ValueError(f"adapter state for {name} lacks {', '.join(missing)}")
-    return layers
-
-
-def _check_adapter_layer(model, name, parts):
-    """Raise unless model.<name> is a plain nn.Linear whose shape the adapter factors fit."""
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the adapter has layer {name}, which this model lacks; is it the right base model?") from None
-    if type(mod) is not nn.Linear:
-        raise TypeError(f"the adapter targets {name}, which is {type(mod).__name__}, not a plain nn.Linear base layer")
-    m, n = mod.weight.shape
-    r = parts["S_p"].shape[0] if parts["S_p"].dim() == 1 else -1
-    shape_of = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}  # the initial U_p0, S_p0, Vt_p0 alike
-    for key in ADAPTER_KEYS:
-        expected = shape_of[key.removesuffix("0")]
-        if tuple(parts[key].shape) != expected:
-            raise ValueError(
-                f"adapter tensor {name}.{key} has shape {tuple(parts[key].shape)} but layer {name} "
-                f"is {m}x{n} (out x in), which needs {expected}; is it the right base model?"
-            )
-    _check_rank(r, m, n, f" for layer {name}")
-    for key in ADAPTER_KEYS:
-        if not parts[key].is_floating_point() or not torch.isfinite(parts[key]).all():
-            raise ValueError(f"adapter tensor {name}.{key} is not finite floating point data")
-
-
-def load_adapter(model, state):
+def load_adapter(model, state, factor_dtype=None):
     """Put a saved adapter (a dict or a file path) onto the original base model; return the names.
 
     Each target nn.Linear (weight W_0) becomes a SORSA layer with W_r = W_0 - W_p,0 and the
     trained U_p, S_p, Vt_p, so its weight is W_0 + (W_p,t - W_p,0). No SVD is computed.
-    Everything is checked before the model is touched.
+    Everything is checked before the model is touched; layers are converted one at a time.
     """
-    if not isinstance(state, dict):
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    layers = _group_adapter_state(state)
+    model = _check_unwrapped_module(model, "load_adapter")
+    _check_factor_dtype(factor_dtype)
+    source, state = _read_adapter(state)
+    layers = _group_adapter_state(state, source)
     if sorsa_modules(model):
         raise ValueError("the model already has SORSA adapters; load an adapter onto the base model")
     for name, parts in layers.items():
-        _check_adapter_layer(model, name, parts)
-    new = {}
-    for name, parts in layers.items():
+        _check_adapter_layer(model, name, parts, source)
+
+    def build(name, parts):
         base = model.get_submodule(name)
-        p = {k: v.to(device=base.weight.device, dtype=base.weight.dtype) for k, v in parts.items()}
+        dtype = factor_dtype or _wide(base.weight.dtype)
+        p = {k: v.to(device=base.weight.device, dtype=dtype) for k, v in parts.items()}
+        layer = SORSALinear(p["U_p0"], p["S_p0"], p["Vt_p0"],
+                            add_principal(base.weight, p["U_p0"], p["S_p0"], p["Vt_p0"], -1), base.bias)
         with torch.no_grad():
-            layer = SORSALinear(p["U_p0"], p["S_p0"], p["Vt_p0"],
-                                residual(base.weight, p["U_p0"], p["S_p0"], p["Vt_p0"]), base.bias)
             for key in ("U_p", "S_p", "Vt_p"):
                 getattr(layer, key).copy_(p[key])
-        new[name] = layer
-    _replace_all(model, new)
-    _freeze_all_but_adapters(model)
-    return list(layers)
+        return layer
+
+    return _convert(model, {name: lambda name=name, parts=parts: build(name, parts) for name, parts in layers.items()})
 
 
 def lora_state_dict(model):
     """The learned change as plain LoRA factors: '{name}.lora_A.weight' (2r, n), '.lora_B.weight' (m, 2r).
 
     B @ A = U_p,t diag(S_p,t) Vt_p,t - U_p,0 diag(S_p,0) Vt_p,0 = W_p,t - W_p,0, a rank-2r
-    product that any LoRA loader can add to the original base weight; use scaling 1
-    (in PEFT: r = lora_alpha = 2r).
+    product that any LoRA loader can add to the original base weight with scaling 1.
     """
+    state = adapter_state_dict(model)
     out = {}
-    for name, mod in _require_adapters(model):
-        cd = _compute_dtype(mod.U_p.dtype)
-        with torch.no_grad():
-            B = torch.cat([mod.U_p.to(cd) * mod.S_p.to(cd), -mod.U_p0.to(cd) * mod.S_p0.to(cd)], dim=1)  # (m, 2r)
-            A = torch.cat([mod.Vt_p.to(cd), mod.Vt_p0.to(cd)], dim=0)  # (2r, n)
-        out[f"{name}.lora_A.weight"] = A.to(mod.U_p.dtype).cpu()
-        out[f"{name}.lora_B.weight"] = B.to(mod.U_p.dtype).cpu()
+    for name, mod in sorsa_modules(model):
+        U, S, Vt, U0, S0, Vt0 = (state[f"{name}.{key}"] for key in ADAPTER_KEYS)
+        out[f"{name}.lora_A.weight"] = torch.cat([Vt, Vt0], dim=0)  # (2r, n)
+        out[f"{name}.lora_B.weight"] = torch.cat([U * S, -U0 * S0], dim=1)  # (m, 2r)
     return out
+
+
+def save_lora(model, directory, base_name=None):
+    """Write the learned change as a PEFT LoRA adapter: PeftModel.from_pretrained(base, directory).
+
+    directory/adapter_model.bin holds lora_state_dict(model) under PEFT's key names
+    ('base_model.model.{name}.lora_A.weight'), written with torch.save, which PEFT reads
+    without safetensors; directory/adapter_config.json says LoRA with r = lora_alpha = 2
+    * rank (scaling 1), the adapted layers as target_modules, no dropout. Each file is
+    written atomically; base_name goes to base_model_name_or_path.
+    """
+    lora = lora_state_dict(model)
+    rank_of = {name: 2 * mod.rank for name, mod in sorsa_modules(model)}
+    r = max(rank_of.values())
+    others = {name: rr for name, rr in rank_of.items() if rr != r}  # per-layer ranks, if they differ
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
+              "r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": others,
+              "target_modules": sorted(rank_of), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
+    os.makedirs(directory, exist_ok=True)
+    weights = {f"base_model.model.{k}": v for k, v in lora.items()}
+    write_atomically(os.path.join(directory, "adapter_model.bin"), lambda f: torch.save(weights, f))
+    write_atomically(os.path.join(directory, "adapter_config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it:
+    `path` holds the old content or the new, never half of it. Under torch.distributed,
+    only rank 0 writes."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sorsa-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _sha256(tensors):
+    """SHA-256 of the names, dtypes, shapes and bytes of a dict of CPU tensors."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous()
+        h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(ctypes.string_at(t.data_ptr(), t.nbytes))
+    return h.hexdigest()
+
+
+def save_checked(tensors, path, **extra):
+    """Atomically torch.save {'tensors': tensors, 'sha256': their checksum, **extra} to `path`."""
+    content = {"tensors": tensors, "sha256": _sha256(tensors), **extra}
+    write_atomically(path, lambda f: torch.save(content, f))
+
+
+def load_checked(path):
+    """(tensors, extra) from a save_checked file; a ValueError naming the file if it is truncated,
+    corrupted (torch.load does not notice flipped bytes inside a tensor) or of another kind."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if _sha256(content["tensors"]) != content["sha256"]:
+            raise ValueError("its checksum does not match its contents")
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot use {path}: it is truncated, corrupted or not written by this code "
+                         f"({type(err).__name__}: {err})") from None
+    return content["tensors"], {k: v for k, v in content.items() if k not in ("tensors", "sha256")}
 
 
 # ----------------------------------------------------------------------------- analysis (Section 4)
@@ -516,3 +492,239 @@ def delta_d(W_0, W_t):
     dU = (U_t * U_0).sum(dim=0).abs()  # (k,) Eq. 8: |<u_t^i, u_0^i>|
     dV = (Vt_t * Vt_0).sum(dim=1).abs()  # (k,) Eq. 9: |<v_t^i, v_0^i>|
     return 1.0 - (dU.sum() + dV.sum()).item() / (2 * dU.numel())  # Eq. 10
+
+
+# ----------------------------------------------------------------------------- checks: bad input fails first
+
+
+def _describe(value):
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, torch.Tensor) else \
+        f"a tensor of shape {tuple(value.shape)}"
+
+
+def _check_rank_type(rank):
+    """Raise unless rank is an int (bool excluded)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+
+
+def _check_rank(rank, m, n, where=""):
+    """Raise unless rank is an int in [1, min(m, n)]; `where` names the layer for the message."""
+    _check_rank_type(rank)
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(
+            f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}]{where}; "
+            f"choose a rank between 1 and {min(m, n)}"
+        )
+
+
+def _check_niter(niter):
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise ValueError(f"niter must be None (exact SVD) or an int >= 0, got {niter!r}")
+
+
+def _check_factor_dtype(factor_dtype):
+    """factor_dtype itself, after checking it is None or a floating torch.dtype."""
+    if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
+        raise TypeError(f"factor_dtype must be None (float32) or a floating torch.dtype, got {factor_dtype!r}")
+    return factor_dtype
+
+
+def _check_weight(weight, where=""):
+    """Raise unless weight is a 2-D floating tensor with only finite values (meta: shape only)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight{where} must be a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"weight{where} has dtype {weight.dtype}; SORSA needs a floating weight "
+            "(float32, float64, bfloat16 or float16): dequantize or cast it first"
+        )
+    if not weight.is_meta and not torch.isfinite(weight).all():
+        raise ValueError(f"weight{where} contains NaN or Inf; the SVD of a non-finite matrix is undefined")
+
+
+def _check_model_type(model, argument):
+    """Raise a TypeError unless `model` is an nn.Module or an iterable of SORSALinear layers."""
+    if isinstance(model, (torch.Tensor, str, bytes)) or not (isinstance(model, nn.Module) or hasattr(model, "__iter__")):
+        raise TypeError(f"{argument} must be an nn.Module or a list of SORSALinear layers, got {_describe(model)}")
+
+
+def _check_unwrapped_module(model, verb):
+    """The model to convert, seen through torch.compile; DDP must come after adapting."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{verb} needs an nn.Module as its model, got {_describe(model)}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(f"{verb} changes the model's layers, which {type(model).__name__} has already registered; "
+                        f"call {verb} on the plain model first, then wrap it")
+    return _unwrap(model)
+
+
+def _require_adapters(model):
+    """sorsa_modules(model), or a ValueError saying how to add adapters first."""
+    found = sorsa_modules(model)
+    if not found:
+        raise ValueError("the model has no SORSA adapters; call apply_sorsa(model, rank) first")
+    return found
+
+
+def _check_finite_factors(found, consequence):
+    """Raise, naming the layer and tensor, if a trained factor holds NaN or Inf."""
+    for name, mod in found:
+        for key in ("U_p", "S_p", "Vt_p"):
+            if not torch.isfinite(_full(getattr(mod, key))).all():
+                raise ValueError(f"layer {name}: {key} contains NaN or Inf (training diverged); {consequence}. "
+                                 "Restart from the last good adapter with a lower learning rate")
+
+
+def _normalize_targets(target_modules):
+    """None (every nn.Linear), or a non-empty tuple of name patterns."""
+    if target_modules is None:
+        return None
+    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"target_modules must be None, a name or a list of names, got {target_modules!r}")
+    return targets
+
+
+def _matches(name, target):
+    """A module name matches a pattern if it is the pattern or ends with '.' + pattern."""
+    return name == target or name.endswith("." + target)
+
+
+def _select_targets(model, rank, targets):
+    """Names of the nn.Linear layers to adapt, after checking every one of them and every pattern."""
+    if sorsa_modules(model):
+        raise ValueError(
+            "the model already has SORSA adapters; adapting twice would split the split. "
+            "Call merge_sorsa(model) first, or start from the base model"
+        )
+    modules = [(name, mod) for name, mod in model.named_modules() if name]
+    linears = [name for name, mod in modules if isinstance(mod, nn.Linear)]
+    for target in targets or ():
+        if not any(_matches(name, target) for name, _ in modules):
+            suffixes = {".".join(name.split(".")[i:]) for name in linears for i in range(name.count(".") + 1)}
+            near = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.6) or sorted(
+                {name.rsplit(".", 1)[-1] for name in linears})[:8]
+            raise ValueError(f"target {target!r} matches no layer of the model; nothing was changed. "
+                             f"Near names: {', '.join(near) or 'none: the model has no nn.Linear'}")
+    owners = {}  # id(parameter) -> every name it is reachable under (tied weights share one)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    selected = []
+    for name, mod in modules:
+        if not (isinstance(mod, nn.Linear) if targets is None else any(_matches(name, t) for t in targets)):
+            continue
+        where = f" for layer {name}"
+        if type(mod) is not nn.Linear:
+            raise TypeError(
+                f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear; "
+                "SORSA replaces plain nn.Linear layers only: pass target_modules that exclude it"
+            )
+        tied = [o for o in owners[id(mod.weight)] if o != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"{name}.weight is tied to {', '.join(tied)}; exclude it from target_modules")
+        _check_weight(mod.weight, where)
+        _check_rank(rank, *mod.weight.shape, where)
+        selected.append(name)
+    if not selected:
+        raise ValueError("the model has no nn.Linear layer to adapt")
+    return selected
+
+
+def _read_adapter(state):
+    """(a name for messages, the adapter dict) from a dict or a save_adapter file."""
+    if isinstance(state, dict):
+        return "the adapter state", state
+    if not isinstance(state, (str, os.PathLike)):
+        raise TypeError(f"state must be an adapter dict or a file path, got {_describe(state)}")
+    return f"adapter file {state}", load_checked(state)[0]
+
+
+def _group_adapter_state(state, source):
+    """{layer name: {key: tensor}} from a flat adapter state dict, checking every key."""
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{source}: an adapter state must be a non-empty dict from adapter_state_dict()")
+    layers = {}
+    for full_key, tensor in state.items():
+        name, _, key = str(full_key).rpartition(".")
+        if key not in ADAPTER_KEYS or not name or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{source}: unexpected entry {full_key!r}; keys end in one of {ADAPTER_KEYS}")
+        layers.setdefault(name, {})[key] = tensor
+    for name, parts in layers.items():
+        missing = [k for k in ADAPTER_KEYS if k not in parts]
+        if missing:
+            raise ValueError(f"{source}: layer {name} lacks {', '.join(missing)}")
+    return layers
+
+
+def _check_adapter_layer(model, name, parts, source):
+    """Raise unless model.<name> is a plain nn.Linear whose shape the adapter factors fit."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{source} has layer {name}, which this model lacks; is it the right base model?") from None
+    if type(mod) is not nn.Linear:
+        raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not a plain nn.Linear base layer")
+    m, n = mod.weight.shape
+    r = parts["S_p"].shape[0] if parts["S_p"].dim() == 1 else -1
+    shape_of = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}  # the initial U_p0, S_p0, Vt_p0 alike
+    for key in ADAPTER_KEYS:
+        expected = shape_of[key.removesuffix("0")]
+        if tuple(parts[key].shape) != expected:
+            raise ValueError(
+                f"{source}: tensor {name}.{key} has shape {tuple(parts[key].shape)} but layer {name} "
+                f"is {m}x{n} (out x in) at rank {r}, which needs {expected}; is it the right base model?"
+            )
+    _check_rank(r, m, n, f" for layer {name} in {source}")
+    for key in ADAPTER_KEYS:
+        if not parts[key].is_floating_point() or not torch.isfinite(parts[key]).all():
+            raise ValueError(f"{source}: tensor {name}.{key} is not finite floating point data")
+
+
+# ----------------------------------------------------------------------------- glue: DDP, FSDP2, torch.compile
+
+
+def _unwrap(model):
+    """The model inside DistributedDataParallel or torch.compile (FSDP2 shards in place, keeping names)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return _unwrap(model.module)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        return _unwrap(model._orig_mod)
+    return model
+
+
+def _full(tensor):
+    """The whole tensor: an FSDP2 shard (DTensor) gathered from every rank, a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_rows(factor):
+    """(rows of a (k, r) factor held here, process group to sum their Grams over, or None).
+
+    FSDP2 shards a parameter by rows (dim 0) by default: U_p's rows are then split across
+    ranks, and F^T F is the sum of the ranks' local Grams. Vt_p^T is split by columns unless
+    Vt_p is sharded on dim 1 (fsdp_shard_placement), so it is gathered whole (an all-gather).
+    """
+    if not isinstance(factor, DTensor):
+        return factor, None
+    if factor.device_mesh.ndim == 1 and factor.placements == (Shard(0),):
+        return factor.to_local(), factor.device_mesh.get_group()
+    return factor.full_tensor(), None
+
+
+def _sum_over_ranks(gram, group):
+    """The sum over ranks of the local (L, r, r) Grams: one all-reduce of r x r matrices, never
+    an all-gather of the factors. Each rank's rows get the gradient of the summed Gram's loss
+    as it is (the loss is one function of the sum, not one per rank), hence the detach."""
+    if group is None:
+        return gram
+    total = gram.detach().clone()
+    dist.all_reduce(total, group=group)
+    return gram + (total - gram.detach())
+
+
+def fsdp_shard_placement(model):
+    """A shard_placement_fn for fully_shard: Vt_p and Vt_p0 by columns (dim 1), all else by rows,
+    so that the regularizer needs only r x r all-reduces. fully_shard(m, shard_placement_fn=...)."""
+    by_columns = {id(p) for _, mod in sorsa_modules(model) for p in (mod.Vt_p, mod.Vt_p0)}
+    return lambda param: Shard(1) if id(param) in by_columns else None
