@@ -172,13 +172,13 @@ class SORSALinear(nn.Module):
 
     def merge(self):
         """A plain, frozen nn.Linear with weight W_r + U_p diag(S_p) Vt_p: no inference latency."""
-        W_r, U_p, S_p, Vt_p = (_full(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
+        W_r, U_p, S_p, Vt_p = (full_tensor(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
         linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
                                     device=W_r.device, dtype=W_r.dtype)  # no random init to overwrite
         with torch.no_grad():
             linear.weight.copy_(add_principal(W_r, U_p, S_p, Vt_p, +1))
             if self.bias is not None:
-                linear.bias.copy_(_full(self.bias))
+                linear.bias.copy_(full_tensor(self.bias))
         return linear.requires_grad_(False)
 
     def extra_repr(self):
@@ -265,7 +265,7 @@ def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
 def sorsa_modules(model):
     """(name, SORSALinear) pairs of a model (wrappers seen through), or of an iterable of layers."""
     if isinstance(model, nn.Module):
-        return [(name, mod) for name, mod in _unwrap(model).named_modules() if isinstance(mod, SORSALinear)]
+        return [(name, mod) for name, mod in unwrap(model).named_modules() if isinstance(mod, SORSALinear)]
     layers = list(model)
     bad = [type(mod).__name__ for mod in layers if not isinstance(mod, SORSALinear)]
     if bad:
@@ -321,7 +321,7 @@ def merge_sorsa(model):
     """Replace every SORSA layer by its merged nn.Linear in place; return the merged names."""
     found = _require_adapters(model)
     _check_finite_factors(found, "merge_sorsa merged nothing")
-    inner = _unwrap(model)
+    inner = unwrap(model)
     for name, mod in found:  # one layer at a time: one extra layer's weight at most
         inner.set_submodule(name, mod.merge())
     return [name for name, _ in found]
@@ -336,7 +336,7 @@ def adapter_state_dict(model):
     """
     found = _require_adapters(model)
     _check_finite_factors(found, "no adapter state was made")
-    return {f"{name}.{key}": _full(getattr(mod, key)).detach().to("cpu", copy=True)
+    return {f"{name}.{key}": full_tensor(getattr(mod, key)).detach().to("cpu", copy=True)
             for name, mod in found for key in ADAPTER_KEYS}
 
 
@@ -556,7 +556,7 @@ def _check_unwrapped_module(model, verb):
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError(f"{verb} changes the model's layers, which {type(model).__name__} has already registered; "
                         f"call {verb} on the plain model first, then wrap it")
-    return _unwrap(model)
+    return unwrap(model)
 
 
 def _require_adapters(model):
@@ -571,7 +571,7 @@ def _check_finite_factors(found, consequence):
     """Raise, naming the layer and tensor, if a trained factor holds NaN or Inf."""
     for name, mod in found:
         for key in ("U_p", "S_p", "Vt_p"):
-            if not torch.isfinite(_full(getattr(mod, key))).all():
+            if not torch.isfinite(full_tensor(getattr(mod, key))).all():
                 raise ValueError(f"layer {name}: {key} contains NaN or Inf (training diverged); {consequence}. "
                                  "Restart from the last good adapter with a lower learning rate")
 
@@ -684,16 +684,16 @@ def _check_adapter_layer(model, name, parts, source):
 # ----------------------------------------------------------------------------- glue: DDP, FSDP2, torch.compile
 
 
-def _unwrap(model):
+def unwrap(model):
     """The model inside DistributedDataParallel or torch.compile (FSDP2 shards in place, keeping names)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return _unwrap(model.module)
+        return unwrap(model.module)
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-        return _unwrap(model._orig_mod)
+        return unwrap(model._orig_mod)
     return model
 
 
-def _full(tensor):
+def full_tensor(tensor):
     """The whole tensor: an FSDP2 shard (DTensor) gathered from every rank, a plain tensor as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 

@@ -1,17 +1,24 @@
-"""The quick path of train_tiny.py, in-process with tiny sizes, and its bad-input handling."""
+"""train_tiny.py at tiny sizes, in-process: the demo's path, the learning-rate sweep's
+bookkeeping, the cached base model's faults and the bad-input handling."""
 
+import json
 import os
+import random
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import sorsa
 import train_tiny
-from train_tiny import Config, GPTConfig
+from train_tiny import Config, GPTConfig, Runtime
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def tiny_config(tmp_path, **overrides):
     """A run small enough for the default test suite (a few seconds per method on 2 cores)."""
-    cfg = dict(steps=30, pretrain_steps=150, test_size=40, rank=4, batch_size=16,
+    cfg = dict(steps=30, pretrain_steps=150, test_size=40, val_size=20, rank=4, batch_size=16,
                model=GPTConfig(n_layer=1, d_model=32), out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
     cfg.update(overrides)
     return Config(**cfg)
@@ -21,31 +28,136 @@ def test_every_method_lowers_the_eval_loss_and_sorsa_merges_and_reloads_exactly(
     report = train_tiny.run(tiny_config(tmp_path))
     base_loss = report["base"][0]
     assert set(report["results"]) == set(train_tiny.METHODS)
-    for method, (result,) in report["results"].items():
+    for method, by_lr in report["results"].items():
+        ((lr, (result,)),) = by_lr.items()
+        assert lr == (3e-3 if method.startswith("sorsa") else 2e-3)  # the paper's 1.5x for SORSA
         assert result["eval_loss"] < base_loss, method
     rows, adapter_bytes, base_bytes = report["checks"]
     merged_acc, merged_diff = rows["merged"]
     reloaded_acc, reloaded_diff = rows["reloaded"]
-    sorsa_acc = report["results"]["sorsa"][0]["accuracy"]
+    sorsa_acc = report["results"]["sorsa"][3e-3][0]["accuracy"]
     assert merged_diff < 1e-4 and reloaded_diff < 1e-4  # float32 logits of size ~10
     assert merged_acc == reloaded_acc == sorsa_acc
     assert adapter_bytes < base_bytes
     assert os.path.getsize(report["log"]) > 0
 
 
-def test_base_model_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, capsys):
+def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
+    """What --device cuda changes, bar the device: bf16 autocast in every forward (pretraining,
+    fine-tuning, greedy decoding), the regularizer turning it off; run here on every submission."""
+    cfg = tiny_config(tmp_path, methods="sorsa,pissa", autocast="on", steps=20)
+    report = train_tiny.run(cfg)
+    assert report["rt"].amp
+    for method, by_lr in report["results"].items():
+        (result,) = next(iter(by_lr.values()))
+        assert result["eval_loss"] < report["base"][0], method
+    rows = report["checks"][0]
+    assert rows["reloaded"][1] < 0.1 and rows["merged"][1] < 0.1  # bf16 logits of size ~10: a few eps_bf16
+
+
+def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path, capsys):
     cfg = tiny_config(tmp_path, pretrain_steps=20)
-    first, path = train_tiny.base_model(cfg, torch.device("cpu"), lambda *a: None)
-    again, same_path = train_tiny.base_model(cfg, torch.device("cpu"), lambda *a: None)
+    first, path = train_tiny.base_model(cfg, CPU, lambda *a: None)
+    again, same_path = train_tiny.base_model(cfg, CPU, lambda *a: None)
     assert same_path == path and "cached" in capsys.readouterr().out
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a.cpu(), b)
-    with open(path, "wb") as f:
-        f.write(b"not a checkpoint")
-    rebuilt, _ = train_tiny.base_model(cfg, torch.device("cpu"), lambda *a: None)
-    assert "unusable" in capsys.readouterr().out
-    for a, b in zip(first.state_dict().values(), rebuilt.state_dict().values()):
-        assert torch.equal(a.cpu(), b.cpu())  # pretraining is deterministic
+    good = open(path, "rb").read()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # inside a tensor: torch.load alone would not notice
+    other_config = {**sorsa.load_checked(path)[1], "key": "another configuration"}
+    for damage in (good[: len(good) // 2], bytes(flipped), b"not a checkpoint", None):
+        if damage is None:
+            sorsa.save_checked(sorsa.load_checked(path)[0], path, **other_config)
+        else:
+            with open(path, "wb") as f:
+                f.write(damage)
+        rebuilt, _ = train_tiny.base_model(cfg, CPU, lambda *a: None)
+        assert "unusable" in capsys.readouterr().out
+        for a, b in zip(first.state_dict().values(), rebuilt.state_dict().values()):
+            assert torch.equal(a.cpu(), b.cpu())  # pretraining is deterministic
+        assert open(path, "rb").read() != damage and sorsa.load_checked(path)[1]["key"] != "another configuration"
+
+
+# ----------------------------------------------------------------------------- the learning-rate sweep
+
+
+def fake_finetune(calls):
+    """A finetune that records what it was given and returns a result at once."""
+    def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
+        calls.append((method, lr, cfg.gamma(method, lr), seed))
+        score = {"sorsa": 0.5, "pissa": 0.4}.get(method, 0.1) + lr  # a learning rate that "helps"
+        return {"params": 1, "train_loss": 1.0, "eval_loss": 1.0 - score, "accuracy": score, "val_loss": 1.0 - score,
+                "val_accuracy": score, "delta_sigma": 0.0, "delta_d": 0.0, "ms_per_step": 1.0}, None
+    return finetune
+
+
+def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_tiny, "finetune", fake_finetune(calls))
+    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 1.0)
+    cfg = tiny_config(tmp_path, pretrain_steps=5, methods="sorsa,sorsa_g0,pissa", lrs="1e-3,4e-3", seeds=2,
+                      gamma_ratio=0.25)
+    report = train_tiny.run(cfg)
+    assert sorted(calls) == sorted((m, lr, g, s) for m in ("sorsa", "sorsa_g0", "pissa") for lr in (1e-3, 4e-3)
+                                   for g in [0.25 * lr if m == "sorsa" else 0.0] for s in (0, 1))
+    assert set(report["results"]["sorsa"]) == {1e-3, 4e-3}  # the listed lr, not 1.5x
+    # Interrupted half-way: drop the last 4 finished runs and cut the last kept line short.
+    path = tmp_path / "out" / "sweep.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
+    calls.clear()
+    again = train_tiny.run(cfg)
+    assert calls == [(m, 4e-3, g, s) for m, g in (("sorsa_g0", 0.0), ("pissa", 0.0)) for s in (0, 1)]
+    assert again["results"] == report["results"]
+    calls.clear()
+    train_tiny.run(Config(**{**cfg.__dict__, "rank": 2}))  # another experiment: nothing is reused
+    assert len(calls) == 12
+
+
+def test_validation_split_is_disjoint_from_the_test_set_and_from_training():
+    cfg = Config(steps=50, test_size=200, val_size=200)
+    test, val = train_tiny.held_out(cfg)
+    assert len(val) == 200 and not {p for p, _ in test} & {p for p, _ in val}
+    exclude = {p for p, _ in test + val}
+    for seed in (0, 1):
+        seen = {p for batch in train_tiny.training_batches(seed, cfg, exclude) for p, _ in batch}
+        assert not seen & exclude
+
+
+def test_best_lr_is_chosen_on_validation_not_on_the_test_set():
+    def run(val, test):
+        return [{"val_accuracy": val, "val_loss": 1 - val, "accuracy": test}]
+    by_lr = {1e-3: run(0.9, 0.5), 2e-3: run(0.6, 0.99)}
+    assert train_tiny.best_lr(by_lr) == 1e-3
+    tied = {1e-3: [{"val_accuracy": 0.9, "val_loss": 0.3}], 2e-3: [{"val_accuracy": 0.9, "val_loss": 0.2}]}
+    assert train_tiny.best_lr(tied) == 2e-3
+
+
+def test_hessian_power_iteration_finds_the_largest_eigenvalue_of_the_dense_hessian():
+    cfg = Config(rank=1, targets="q_proj,down_proj", model=GPTConfig(n_layer=1, n_head=1, d_model=4))
+    torch.manual_seed(0)
+    base = train_tiny.TinyGPT(cfg.model).requires_grad_(False)
+    problems = [train_tiny.word_problem(random.Random(i)) for i in range(4)]
+    model = train_tiny.prepare("pissa", base, cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [model.get_parameter(n).shape for n in names]
+    batch = train_tiny.problem_batch(problems, "cpu")
+
+    def loss_of(flat):  # the task loss as a function of the trainable parameters, flattened
+        chunks = flat.split([s.numel() for s in shapes])
+        state = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return train_tiny.answer_loss(lambda x: torch.func.functional_call(model, state, (x,)), batch, CPU)
+
+    flat = torch.cat([model.get_parameter(n).detach().flatten() for n in names])  # 28 parameters
+    with sdpa_kernel(SDPBackend.MATH):
+        eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
+    largest = max(eigenvalues[0].item(), eigenvalues[-1].item(), key=abs)  # power iteration finds the largest |lambda|
+    lam = train_tiny.hessian_lambda_max("pissa", base, problems, cfg, CPU, iters=200)
+    assert abs(lam - largest) <= 1e-3 * abs(largest)
+
+
+# ----------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -53,12 +165,20 @@ def test_base_model_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, capsys):
     (["--rank", "0"], "--rank 0 is outside"),
     (["--methods", "sorsa,dora"], "unknown method(s) dora"),
     (["--targets", "lm_head"], "unknown target(s) lm_head"),
-    (["--steps", "0"], "--steps and --seeds must be >= 1"),
+    (["--steps", "0"], "--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1"),
+    (["--lrs", "1e-3,fast"], "--lrs '1e-3,fast' must be positive numbers"),
+    (["--lrs", "1e-3,-1"], "must be positive numbers"),
+    (["--fsdp"], "--fsdp shards across processes: start with torchrun"),
 ])
 def test_bad_arguments_exit_with_status_2_and_a_message(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_tiny.parse_args(argv)
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_quick_settings_yield_to_explicit_flags():
+    cfg = train_tiny.parse_args(["--quick", "--steps", "7"])
+    assert cfg.steps == 7 and cfg.model.d_model == 64 and cfg.pretrain_steps == 300
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -74,3 +194,14 @@ def test_unwritable_out_exits_with_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_tiny.parse_args(["--out", str(blocker / "out")])
     assert exit_info.value.code == 2 and "cannot write to" in capsys.readouterr().err
+
+
+def test_sweep_log_lines_are_json_with_the_run_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny, "finetune", fake_finetune([]))
+    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 2.0)
+    cfg = tiny_config(tmp_path, pretrain_steps=5, methods="lora", lrs="1e-3")
+    report = train_tiny.run(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "sweep.jsonl")]
+    assert [(r["method"], r["lr"], r["seed"], r["key"]) for r in rows] == [("lora", 1e-3, 0, train_tiny.run_key(cfg))]
+    table = train_tiny.sweep_tables(report["results"], report["lambdas"])
+    assert "| lora | 0.001 |" in table and "| 2 | 1 |" in table  # lambda_max 2, so 2 / lambda_max = 1

@@ -4,13 +4,15 @@ LoRA and full fine-tuning, side by side: the paper's experiment (section 6) in m
 The base model learns sums, differences and products ("12+7=19") and plain sentences
 ("ann has 12 pens.") from a corpus this script generates. The downstream task, which it
 never saw, is word problems answered with that arithmetic ("ann has 12 pens and gets 7
-more. how many? 19"), scored like GSM-8K: exact match of the greedy answer on a held-out
-set. Loss is on the answer only; the recipe is the paper's (AdamW, no weight decay,
-cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA).
+more. how many? 12+7=19"), scored like GSM-8K: exact match of the greedy answer on a
+held-out test set. Loss is on the answer only; the recipe is the paper's (AdamW, no weight
+decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA).
 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
     python train_tiny.py --quick          # smoke run
+    python train_tiny.py --lrs 1e-3,2e-3,4e-3,8e-3 --seeds 3    # each method at each learning rate
+    torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 """
 
 import argparse
@@ -28,8 +30,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sorsa
 
@@ -85,6 +90,33 @@ def word_problem(rng):
     return f"{text} how many?", f"{a}{op}{b}={apply_op(a, op, b)}"
 
 
+def held_out(cfg):
+    """(test problems, validation problems): disjoint, and never drawn for training. The sweep
+    picks each method's learning rate on the validation set and reports the test set."""
+    test = [word_problem(random.Random(f"test {i}")) for i in range(cfg.test_size)]
+    seen, val, i = {p for p, _ in test}, [], 0
+    while len(val) < cfg.val_size:
+        problem = word_problem(random.Random(f"val {i}"))
+        i += 1
+        if problem[0] not in seen:
+            seen.add(problem[0])
+            val.append(problem)
+    return test, val
+
+
+def training_batches(seed, cfg, exclude):
+    """The fine-tuning stream of one seed: the same problems in the same order for every method
+    and learning rate; each a list of cfg.batch_size problems (the global batch)."""
+    rng = random.Random(1000 + seed)
+    for _ in range(cfg.steps):
+        batch = []
+        while len(batch) < cfg.batch_size:
+            problem = word_problem(rng)
+            if problem[0] not in exclude:
+                batch.append(problem)
+        yield batch
+
+
 def problem_batch(problems, device):
     """Inputs, targets (B, T) and a mask that keeps the loss on the answer and its newline only."""
     T = max(len(p) + len(a) + 1 for p, a in problems)  # the longest "prompt answer\n", less one
@@ -96,6 +128,11 @@ def problem_batch(problems, device):
         x[i, :len(ids) - 1], y[i, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
         mask[i, len(prompt):len(ids) - 1] = True  # predicting " answer\n" after the prompt
     return x.to(device), y.to(device), mask.to(device)
+
+
+def answer_tokens(problems):
+    """How many answer tokens a batch of problems scores: len(" answer\n")."""
+    return sum(len(a) + 1 for _, a in problems)
 
 
 # ----------------------------------------------------------------------------- the tiny GPT
@@ -169,44 +206,76 @@ class Config:
     rank: int = 8
     steps: int = 300  # fine-tuning steps per method
     lr: float = 2e-3  # LoRA, PiSSA and full fine-tuning; SORSA gets 1.5x, as in the paper (3e-5 vs 2e-5)
-    # SORSA's gamma, tuned: gamma / (SORSA's lr) = 0.1. The paper's ratio, 4e-4 / 3e-5 = 13.3
-    # (gamma 0.04 here), drowns this small task's gradients: see README and theory/README.md.
-    gamma: float = 0.1 * 1.5 * 2e-3
-    batch_size: int = 32
+    # gamma / (SORSA's lr), tuned. The paper's ratio, 4e-4 / 3e-5 = 13.3, drowns this small
+    # task's gradients: see README and theory/README.md.
+    gamma_ratio: float = 0.1
+    lrs: str = ""  # a sweep: e.g. "1e-3,2e-3,4e-3"; every method (SORSA too) at each, gamma = gamma_ratio * lr
+    batch_size: int = 32  # the global batch; under torchrun each rank takes its share
     seeds: int = 1  # repeat every method with seeds 0 .. seeds-1; mean +- std
-    test_size: int = 200  # held-out word problems
+    test_size: int = 200  # held-out word problems, reported
+    val_size: int = 200  # other held-out problems, on which a sweep picks each method's learning rate
     pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
+    autocast: str = "auto"  # bf16 autocast: auto (on CUDA only), on, off
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP
     out: str = "runs/tiny"  # log, plot, adapter
     cache: str = "runs/cache"  # pretrained base models, keyed by their configuration
     quick: bool = False  # smoke run: fewer steps everywhere
     model: GPTConfig = dataclasses.field(default_factory=GPTConfig)
 
-    def sorsa_lr(self):
-        return 1.5 * self.lr
+    def method_lr(self, method, lr=None):
+        """A method's learning rate: in a sweep the listed lr for every method; else self.lr,
+        times 1.5 for SORSA as in the paper."""
+        if lr is not None:
+            return lr
+        return 1.5 * self.lr if method.startswith("sorsa") else self.lr
+
+    def gamma(self, method, lr):
+        """SORSA's gamma at its learning rate lr: gamma / lr stays gamma_ratio (Eq. 6's weight)."""
+        return self.gamma_ratio * lr if method in ("sorsa", "sorsa_sq") else 0.0
+
+    def sweep_lrs(self):
+        return [float(v) for v in self.lrs.split(",")] if self.lrs else []
 
     def shrink_for_quick(self):
         """The --quick settings: a smaller model, a short pretraining and fine-tuning, fewer test problems."""
         self.model = GPTConfig(n_layer=2, d_model=64)
-        self.pretrain_steps, self.steps, self.test_size = 300, 40, 100
+        self.pretrain_steps, self.steps, self.test_size, self.val_size = 300, 40, 100, 100
 
 
 METHODS = ("sorsa", "sorsa_g0", "pissa", "lora", "full", "sorsa_sq")
 
 
+@dataclass
+class Runtime:
+    """Where a run computes: device, bf16 autocast, and its place among torchrun's processes."""
+    device: torch.device
+    amp: bool = False
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def say(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.main:
+            print(*args, **kwargs)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
 # ----------------------------------------------------------------------------- base model, cached
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, as the paper's mixed precision; plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def pretrain(cfg, device, progress):
+def pretrain(cfg, rt, progress):
     """Train TinyGPT on the generated corpus; returns the model and its final loss."""
     torch.manual_seed(0)
-    model = TinyGPT(cfg.model).to(device)
+    model = TinyGPT(cfg.model).to(rt.device)
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.pretrain_steps)
@@ -214,8 +283,8 @@ def pretrain(cfg, device, progress):
     for step in range(cfg.pretrain_steps):
         text = [encode("\n".join(pretrain_line(rng) for _ in range(12))) for _ in range(cfg.pretrain_batch)]
         starts = [rng.randrange(len(t) - T) for t in text]
-        chunk = torch.tensor([t[s:s + T + 1] for t, s in zip(text, starts)], device=device)  # (B, T + 1)
-        with autocast(device):
+        chunk = torch.tensor([t[s:s + T + 1] for t, s in zip(text, starts)], device=rt.device)  # (B, T + 1)
+        with rt.autocast():
             logits = model(chunk[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
         opt.zero_grad()
@@ -227,33 +296,44 @@ def pretrain(cfg, device, progress):
     return model, loss.item()
 
 
-def base_model(cfg, device, progress):
-    """The pretrained base model from the cache, or pretrained now and cached atomically."""
-    key = {"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
-           "batch": cfg.pretrain_batch, "vocab": VOCAB, "torch": torch.__version__.split("+")[0]}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.cache, f"tiny_gpt_{digest}.pt")
-    if os.path.exists(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["key"] != json.dumps(key, sort_keys=True):
-                raise ValueError("configuration differs")
-            model = TinyGPT(cfg.model)
-            model.load_state_dict(saved["state"])
-            print(f"base model: cached {path} (pretraining loss {saved['loss']:.3f})")
-            return model.to(device), path
-        except Exception as err:  # a corrupt or mismatched file is rebuilt, never trusted
-            print(f"base model: cache {path} unusable ({type(err).__name__}: {err}); pretraining again")
-    start = time.time()
-    model, loss = pretrain(cfg, device, progress)
-    os.makedirs(cfg.cache, exist_ok=True)
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=cfg.cache, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save({"key": json.dumps(key, sort_keys=True), "state": state, "loss": loss}, f)
-    os.replace(tmp, path)
-    print(f"base model: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
-    return model, path
+def base_model(cfg, rt, progress):
+    """The pretrained base model from the cache, or pretrained now and cached atomically with a
+    checksum. Under torchrun rank 0 pretrains while the others wait, then all load one file."""
+    key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
+                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": rt.amp,
+                      "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    if rt.main or rt.world == 1:
+        model = cached_base(cfg, key, path, rt)
+        if model is None:
+            start = time.time()
+            model, loss = pretrain(cfg, rt, progress)
+            os.makedirs(cfg.cache, exist_ok=True)
+            sorsa.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
+            rt.say(f"base model: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
+    if rt.world > 1:
+        dist.barrier()  # rank 0 has written the cache
+        if not rt.main:
+            model = cached_base(cfg, key, path, rt)
+    return model.to(rt.device), path
+
+
+def cached_base(cfg, key, path, rt):
+    """The cached base model, or None when there is none or it is unusable (truncated,
+    corrupted or made with another configuration: it is then rebuilt, never trusted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state, extra = sorsa.load_checked(path)
+        if extra.get("key") != key:
+            raise ValueError("it was made with another configuration")
+        model = TinyGPT(cfg.model)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as err:
+        rt.say(f"base model: cache {path} unusable ({err}); pretraining again")
+        return None
+    rt.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
+    return model
 
 
 # ----------------------------------------------------------------------------- the other methods
@@ -264,7 +344,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, W, A, B, bias):
         super().__init__()
-        self.register_buffer("W", W.detach().clone())  # (m, n)
+        self.W = nn.Parameter(W.detach().clone(), requires_grad=False)  # (m, n), frozen like SORSA's W_r
         self.A, self.B = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())  # (r, n), (m, r)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -286,7 +366,8 @@ class LowRankLinear(nn.Module):
         return F.linear(x, self.W, self.bias) + F.linear(F.linear(x, self.A), self.B)
 
     def weight(self):
-        return self.W + self.B @ self.A  # (m, n), for the analysis metrics
+        W, A, B = (sorsa.full_tensor(t) for t in (self.W, self.A, self.B))
+        return W + B @ A  # (m, n), for the analysis metrics
 
 
 def target_names(model, targets):
@@ -294,14 +375,14 @@ def target_names(model, targets):
 
 
 def prepare(method, base, cfg):
-    """A fresh copy of the base model set up for `method`, and that method's learning rate."""
+    """A fresh copy of the base model set up for `method`."""
     model = copy.deepcopy(base)
     targets = cfg.targets.split(",")
     if method.startswith("sorsa"):
         sorsa.apply_sorsa(model, cfg.rank, targets)
-        return model, cfg.sorsa_lr()
+        return model
     if method == "full":
-        return model.requires_grad_(True), cfg.lr
+        return model.requires_grad_(True)
     names = target_names(model, targets)
     build = LowRankLinear.lora if method == "lora" else LowRankLinear.pissa
     for name in names:
@@ -310,22 +391,38 @@ def prepare(method, base, cfg):
     for name in names:
         model.get_submodule(name).A.requires_grad_(True)
         model.get_submodule(name).B.requires_grad_(True)
-    return model, cfg.lr
+    return model
+
+
+def distribute(model, method, rt):
+    """The model as it trains under torchrun: DDP, or FSDP2 by block (SORSA's Vt_p by columns,
+    so its regularizer needs only r x r all-reduces); as it is in one process."""
+    if rt.world == 1:
+        return model
+    if not rt.fsdp:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                   else None)
+    placement = sorsa.fsdp_shard_placement(model) if method.startswith("sorsa") else None
+    for block in model.blocks:
+        fully_shard(block, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
+    return model
 
 
 def effective_weight(module):
-    """The (m, n) weight a layer applies, whatever method built it."""
+    """The (m, n) weight a layer applies, whatever method built it (FSDP2 shards gathered)."""
     if isinstance(module, sorsa.SORSALinear):
         return module.merge().weight
     if isinstance(module, LowRankLinear):
         return module.weight()
-    return module.weight
+    return sorsa.full_tensor(module.weight)
 
 
 def weight_change(model, base, names):
     """Mean delta_sigma and delta_d (Eqs. 7-10) of the adapted layers against the base model."""
+    inner = sorsa.unwrap(model)
     with torch.no_grad():
-        pairs = [(base.get_submodule(n).weight, effective_weight(model.get_submodule(n))) for n in names]
+        pairs = [(base.get_submodule(n).weight, effective_weight(inner.get_submodule(n))) for n in names]
         return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
                 statistics.mean(sorsa.delta_d(a, b) for a, b in pairs))
 
@@ -333,24 +430,25 @@ def weight_change(model, base, names):
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def answer_loss(model, batch, device):
+def answer_loss(model, batch, rt, tokens=None):
+    """Cross-entropy on the answer tokens, summed and divided by `tokens` (default: this batch's)."""
     x, y, mask = batch
-    with autocast(device):
+    with rt.autocast():
         logits = model(x)
-    return F.cross_entropy(logits.float()[mask], y[mask])
+    return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (tokens or mask.sum())
 
 
 @torch.no_grad()
-def greedy(model, prompts, new_tokens, device):
+def greedy(model, prompts, new_tokens, rt):
     """The greedy continuation of each prompt, up to its first newline."""
     by_length = {}
     for i, prompt in enumerate(prompts):  # batch prompts of one length: no padding inside a prompt
         by_length.setdefault(len(prompt), []).append(i)
     out = [None] * len(prompts)
     for length, rows in by_length.items():
-        idx = torch.tensor([encode(prompts[i]) for i in rows], device=device)  # (B, length)
+        idx = torch.tensor([encode(prompts[i]) for i in rows], device=rt.device)  # (B, length)
         for _ in range(new_tokens):
-            with autocast(device):
+            with rt.autocast():
                 nxt = model(idx)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         for i, ids in zip(rows, idx.tolist()):
@@ -359,90 +457,121 @@ def greedy(model, prompts, new_tokens, device):
 
 
 @torch.no_grad()
-def evaluate(model, test, device):
-    """(eval loss on the answers, exact-match accuracy of greedy answers) on the test problems."""
+def evaluate(model, problems, rt):
+    """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
+    Under torchrun every rank evaluates the same problems (FSDP2 needs every rank's shards)."""
     model.eval()
-    loss = answer_loss(model, problem_batch(test, device), device).item()
+    loss = answer_loss(model, problem_batch(problems, rt.device), rt).item()
     # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
     # number, as GSM-8K scores the number after "####".
-    answers = greedy(model, [p + " " for p, _ in test], 8, device)
-    correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, test))
+    answers = greedy(model, [p + " " for p, _ in problems], 8, rt)
+    correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
     model.train()
-    return loss, correct / len(test)
+    return loss, correct / len(problems)
 
 
-def arithmetic_accuracy(model, device, n=200):
+def arithmetic_accuracy(model, rt, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
     facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
     model.eval()
-    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, device)
+    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, rt)
     model.train()
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 
-def train_step(model, opt, params, batch, gamma, lr_max, device, squared=False):
-    """One step of the paper's recipe: answer loss plus (gamma / lr_max) L_reg (Eq. 6; nothing
-    for gamma = 0), backward, clipping to norm 1.0, optimizer step. Returns the answer loss."""
-    loss = answer_loss(model, batch, device)
+def train_step(model, opt, params, problems, gamma, lr_max, rt, squared=False):
+    """One step of the paper's recipe on a global batch of problems: answer loss plus (gamma /
+    lr_max) L_reg (Eq. 6; nothing for gamma = 0), backward, clipping to norm 1.0, optimizer step.
+    Under torchrun each rank takes every world-th problem and divides its summed loss by the
+    global batch's token count times world, so that DDP's mean of the gradients is the
+    single-process gradient. Returns the global batch's answer loss."""
+    local = problems[rt.rank::rt.world]
+    loss = answer_loss(model, problem_batch(local, rt.device), rt, answer_tokens(problems) / rt.world)
     opt.zero_grad()
     sorsa.sorsa_loss(loss, model, gamma, lr_max, squared).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    loss = loss.detach()
+    if rt.world > 1:
+        dist.all_reduce(loss)
+        loss /= rt.world
     return loss
 
 
-def finetune(method, base, test, cfg, seed, device, progress, log):
-    """Fine-tune one method with one seed; a dict of the reported numbers, and the model."""
-    model, lr = prepare(method, base, cfg)
+def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
+    """Fine-tune one method with one seed at learning rate lr; the reported numbers, and the model."""
+    test, val = data
+    torch.manual_seed(seed)  # LoRA's initialization
+    model = distribute(prepare(method, base, cfg), method, rt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.steps)
-    gamma = {"sorsa": cfg.gamma, "sorsa_sq": cfg.gamma}.get(method, 0.0)
+    gamma = cfg.gamma(method, lr)
     names = target_names(base, cfg.targets.split(","))
-    rng = random.Random(1000 + seed)  # the same problems in the same order for every method
-    test_prompts = {p for p, _ in test}
+    exclude = {p for p, _ in test + val}
     losses, step_time = [], 0.0
-    for step in range(cfg.steps):
-        problems = []
-        while len(problems) < cfg.batch_size:
-            p = word_problem(rng)
-            if p[0] not in test_prompts:
-                problems.append(p)
+    for step, problems in enumerate(training_batches(seed, cfg, exclude)):
         start = time.perf_counter()
-        loss = train_step(model, opt, params, problem_batch(problems, device), gamma, lr, device,
-                          squared=method == "sorsa_sq")
+        loss = train_step(model, opt, params, problems, gamma, lr, rt, squared=method == "sorsa_sq")
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
         if step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
-            eval_loss, acc = evaluate(model, test, device)
+            eval_loss, acc = evaluate(model, test, rt)
             d_sigma, d_d = weight_change(model, base, names)
-            log({"method": method, "seed": seed, "step": step + 1, "train_loss": loss.item(), "eval_loss": eval_loss,
-                 "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
+            log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
+                 "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
+    val_loss, val_acc = evaluate(model, val, rt)
     tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
-    return {"params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail), "eval_loss": eval_loss,
-            "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
+    return {"params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
+            "eval_loss": eval_loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
+            "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
 
 
-def check_merge_and_adapter(model, base, test, cfg, device, base_path):
-    """Merged and reloaded SORSA models against the trained one: accuracy, logits, file sizes."""
-    x = problem_batch(test, device)[0]
+def check_merge_and_adapter(model, base, test, cfg, rt, base_path):
+    """The SORSA model saved as an adapter and reloaded into a fresh base, and merged in place into
+    plain nn.Linear layers, against the trained one: accuracy, logits, file sizes."""
+    model = sorsa.unwrap(model)  # DDP's wrapper is for training; FSDP2 shards in place
+    x = problem_batch(test, rt.device)[0]
     with torch.no_grad():
         logits = model(x).float()
-    merged = copy.deepcopy(model)
-    sorsa.merge_sorsa(merged)
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
-    sorsa.save_adapter(model, path)
+    sorsa.save_adapter(model, path)  # rank 0 writes
+    if rt.world > 1:
+        dist.barrier()
     reloaded = copy.deepcopy(base)
     sorsa.load_adapter(reloaded, path)
+    sorsa.merge_sorsa(model)  # the last use of the trained model
     rows = {}
-    for label, m in (("merged", merged), ("reloaded", reloaded)):
+    for label, m in (("merged", model), ("reloaded", reloaded)):
         with torch.no_grad():
             diff = (m(x).float() - logits).abs().max().item()
-        rows[label] = (evaluate(m, test, device)[1], diff)
+        rows[label] = (evaluate(m, test, rt)[1], diff)
     return rows, os.path.getsize(path), os.path.getsize(base_path)
+
+
+def hessian_lambda_max(method, base, problems, cfg, rt, iters=30):
+    """The largest eigenvalue of the task loss's Hessian with respect to a method's trainable
+    parameters at the start of fine-tuning, by power iteration on Hessian-vector products
+    (float32, no autocast, one fixed batch). Classical stability bound for a step: lr < 2 / lambda."""
+    torch.manual_seed(0)
+    model = prepare(method, base, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):  # attention built of plain ops, which autograd differentiates twice
+        loss = answer_loss(model, problem_batch(problems, rt.device), dataclasses.replace(rt, amp=False))
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
+    lam = 0.0
+    for _ in range(iters):
+        norm = torch.sqrt(sum((u * u).sum() for u in v))
+        v = [u / norm for u in v]
+        Hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        lam = sum((u * h).sum() for u, h in zip(v, Hv)).item()  # Rayleigh quotient v^T H v
+        v = [h.detach() for h in Hv]
+    return lam
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -452,30 +581,55 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
+           ("accuracy", "accuracy", "{:.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
+           ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
+
+
+def cell(runs, key, fmt):
+    m, s = mean_std([r[key] for r in runs])
+    return fmt.format(m) + (f" ± {fmt.format(s)}" if len(runs) > 1 else "")
+
+
 def results_table(results):
     """Markdown table: one row per method, mean +- std over seeds."""
-    cols = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
-            ("accuracy", "accuracy", "{:.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
-            ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
-    lines = ["| method | trainable params | " + " | ".join(c[0] for c in cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]
+    lines = ["| method | trainable params | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     for method, runs in results.items():
-        cells = []
-        for _, key, fmt in cols:
-            m, s = mean_std([r[key] for r in runs])
-            cells.append(fmt.format(m) + (f" ± {fmt.format(s)}" if len(runs) > 1 else ""))
-        lines.append(f"| {method} | {runs[0]['params']:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {runs[0]['params']:,} | " + " | ".join(cell(runs, k, f) for _, k, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def best_lr(by_lr):
+    """The learning rate with the best mean validation accuracy (then the lower validation loss)."""
+    return max(by_lr, key=lambda lr: (statistics.mean(r["val_accuracy"] for r in by_lr[lr]),
+                                      -statistics.mean(r["val_loss"] for r in by_lr[lr])))
+
+
+def sweep_tables(sweep, lambdas):
+    """Per method: test accuracy and eval loss against learning rate; then each method at the
+    learning rate its validation accuracy picked, beside lambda_max of its Hessian."""
+    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for method, by_lr in sweep.items():
+        cells = [f"{cell(by_lr[lr], 'accuracy', '{:.1%}')}, {cell(by_lr[lr], 'eval_loss', '{:.3f}')}"
+                 if lr in by_lr else "" for lr in lrs]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | best lr (validation) | val accuracy | test accuracy | eval loss | lambda_max | 2 / lambda_max |",
+              "|---|---|---|---|---|---|---|"]
+    for method, by_lr in sweep.items():
+        lr = best_lr(by_lr)
+        lam = lambdas.get(method, float("nan"))
+        lines.append(f"| {method} | {lr:g} | {cell(by_lr[lr], 'val_accuracy', '{:.1%}')} | "
+                     f"{cell(by_lr[lr], 'accuracy', '{:.1%}')} | {cell(by_lr[lr], 'eval_loss', '{:.3f}')} | "
+                     f"{lam:.3g} | {2 / lam:.3g} |")
     return "\n".join(lines)
 
 
 def plot(log_path, out):
     """Loss and delta curves per method as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     rows = [json.loads(line) for line in open(log_path)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -492,67 +646,157 @@ def plot(log_path, out):
     print(f"plot: {os.path.join(out, 'curves.png')}")
 
 
-class Progress:
-    """Prints step, loss and an ETA over the whole run, about every 5% of each phase."""
+def plot_sweep(sweep, out):
+    """Test accuracy against learning rate, one line per method, error bars over seeds."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_lr in sweep.items():
+        lrs = sorted(by_lr)
+        stats = [mean_std([r["accuracy"] for r in by_lr[lr]]) for lr in lrs]
+        ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], label=method, capsize=3, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sweep.png"), dpi=100)
+    print(f"plot: {os.path.join(out, 'sweep.png')}")
 
-    def __init__(self, total_steps):
-        self.total, self.done, self.start = total_steps, 0, time.time()
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
+        return None
+
+
+class Progress:
+    """Prints step, loss and an ETA over the whole run, about every 5% of each phase (rank 0)."""
+
+    def __init__(self, total_steps, rt):
+        self.total, self.done, self.start, self.rt = total_steps, 0, time.time(), rt
 
     def __call__(self, phase, step, steps, loss):
         self.done += 1
         if step == steps or step % max(1, steps // 20) == 0:
             eta = (time.time() - self.start) / self.done * max(0, self.total - self.done)
-            print(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
+            self.rt.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------- entry points
 
 
+def runtime(cfg):
+    """The Runtime of this process: under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set, as
+    nanoGPT reads them) it joins the process group, NCCL on CUDA and gloo on the CPU."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    amp = cfg.autocast == "on" or (cfg.autocast == "auto" and cuda)
+    return Runtime(device, amp, rank, world, cfg.fsdp and world > 1)
+
+
+def run_key(cfg):
+    """What makes two runs of one method, lr and seed the same experiment (for resuming a sweep)."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "lrs", "seeds", "out", "device")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_runs(path, key):
+    """{(method, lr, seed): result} of the runs a sweep log holds for this configuration."""
+    if not os.path.exists(path):
+        return {}
+    done = {}
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by an interruption
+            continue
+        if row.get("key") == key:
+            done[(row["method"], row["lr"], row["seed"])] = row["result"]
+    return done
+
+
 def run(cfg):
-    """The whole experiment; returns {method: [result per seed]} and the SORSA checks."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    methods = cfg.methods.split(",")
-    print(f"device {device}, methods {', '.join(methods)}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}")
-    progress = Progress(cfg.pretrain_steps + len(methods) * cfg.seeds * cfg.steps)
-    base, base_path = base_model(cfg, device, progress)
+    """The whole experiment; returns the results per method (and per lr in a sweep) and the checks."""
+    rt = runtime(cfg)
+    methods, lrs = cfg.methods.split(","), cfg.sweep_lrs() or [None]
+    rt.say(f"device {rt.device}, {rt.world} process(es){' (FSDP2)' if rt.fsdp else ''}, bf16 autocast {rt.amp}, "
+           f"methods {', '.join(methods)}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}"
+           + (f", learning rates {cfg.lrs}" if cfg.lrs else ""))
+    progress = Progress(cfg.pretrain_steps + len(methods) * len(lrs) * cfg.seeds * cfg.steps, rt)
+    base, base_path = base_model(cfg, rt, progress)
     progress.total -= cfg.pretrain_steps - progress.done  # a cached base model needs no pretraining
     base.requires_grad_(False)
-    test = [word_problem(random.Random(f"test {i}")) for i in range(cfg.test_size)]
-    base_loss, base_acc = evaluate(base, test, device)
-    print(f"base model: {arithmetic_accuracy(base, device):.1%} of 200 arithmetic facts right; "
-          f"on the task: eval loss {base_loss:.3f}, accuracy {base_acc:.1%}")
+    data = held_out(cfg)
+    base_loss, base_acc = evaluate(base, data[0], rt)
+    rt.say(f"base model: {arithmetic_accuracy(base, rt):.1%} of 200 arithmetic facts right; "
+           f"on the task: eval loss {base_loss:.3f}, accuracy {base_acc:.1%}")
     os.makedirs(cfg.out, exist_ok=True)
-    log_path = os.path.join(cfg.out, "log.jsonl")
+    log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
+    done = finished_runs(sweep_path, key) if cfg.lrs else {}
     results, checks = {}, None
-    with open(log_path, "w") as log_file:
-        def log(row):
-            log_file.write(json.dumps(row) + "\n")
+    if rt.main and not cfg.lrs:
+        open(log_path, "w").close()  # a sweep appends to its log; a plain run starts a new one
 
+    def log(row, path=log_path):
+        if rt.main:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for lr_listed in lrs:
         for method in methods:
+            lr = cfg.method_lr(method, lr_listed)
             for seed in range(cfg.seeds):
-                torch.manual_seed(seed)  # LoRA's initialization
-                result, model = finetune(method, base, test, cfg, seed, device, progress, log)
-                results.setdefault(method, []).append(result)
-                if method == "sorsa" and seed == 0:
-                    checks = check_merge_and_adapter(model, base, test, cfg, device, base_path)
-    return {"base": (base_loss, base_acc), "results": results, "checks": checks, "log": log_path}
+                if (method, lr, seed) in done:
+                    result = done[(method, lr, seed)]
+                    progress.total -= cfg.steps
+                    rt.say(f"  {method} lr {lr:g} seed {seed}: done before, skipped")
+                else:
+                    result, model = finetune(method, lr, base, data, cfg, seed, rt, progress, log)
+                    if cfg.lrs:
+                        log({"key": key, "method": method, "lr": lr, "seed": seed, "result": result}, sweep_path)
+                    if method == "sorsa" and seed == 0 and not cfg.lrs:
+                        checks = check_merge_and_adapter(model, base, data[0], cfg, rt, base_path)
+                results.setdefault(method, {}).setdefault(lr, []).append(result)
+    lambdas = {}
+    if cfg.lrs:  # why the best learning rates differ: the curvature each parametrization starts with
+        first = next(training_batches(0, cfg, {p for p, _ in data[0] + data[1]}))
+        lambdas = {method: hessian_lambda_max(method, base, first, cfg, rt) for method in methods}
+    return {"base": (base_loss, base_acc), "results": results, "checks": checks, "log": log_path,
+            "lambdas": lambdas, "rt": rt}
 
 
 def parse_args(argv=None):
     """A Config from the command line; bad values exit with status 2 and a message."""
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
-    for field in ("methods", "targets", "rank", "steps", "lr", "gamma", "seeds", "out"):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
+    parser.add_argument("--autocast", choices=["auto", "on", "off"], help="bf16 autocast; default 'auto': on CUDA only")
+    helps = {"lrs": "sweep: every method at each learning rate (SORSA at the listed lr, not 1.5x; "
+                    "gamma = gamma_ratio * lr, so the regularizer's weight stays put); resumes where it stopped",
+             "gamma_ratio": "SORSA's gamma / its learning rate (Eq. 6); the paper's is 13.3"}
+    for field in ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "lrs", "seeds", "batch_size",
+                  "test_size", "val_size", "pretrain_steps", "out", "cache"):
         value = getattr(defaults, field)
-        parser.add_argument(f"--{field}", type=type(value), default=value, help=f"default {value}")
-    parser.add_argument("--quick", action="store_true", help="smoke run: short pretraining and fine-tuning")
+        parser.add_argument(f"--{field}", type=type(value),
+                            help=f"{helps.get(field, '')}{'; ' if field in helps else ''}default {value!r}")
+    parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
     args = parser.parse_args(argv)
-    cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items()})
-    if cfg.quick:
-        cfg.shrink_for_quick()
+    if args.quick:  # the quick settings, under anything given explicitly
+        defaults.shrink_for_quick()
+    cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if v is not None})
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto)")
     unknown = set(cfg.methods.split(",")) - set(METHODS)
@@ -564,8 +808,20 @@ def parse_args(argv=None):
     if not 1 <= cfg.rank <= cfg.model.d_model:
         parser.error(f"--rank {cfg.rank} is outside [1, {cfg.model.d_model}]: the smallest adapted layer "
                      f"is {cfg.model.d_model}x{cfg.model.d_model}")
-    if cfg.steps < 1 or cfg.seeds < 1 or not cfg.lr > 0 or not cfg.gamma >= 0:
-        parser.error("--steps and --seeds must be >= 1, --lr > 0 and --gamma >= 0")
+    if min(cfg.steps, cfg.seeds, cfg.test_size, cfg.val_size, cfg.pretrain_steps) < 1 or not cfg.lr > 0 \
+            or not cfg.gamma_ratio >= 0:
+        parser.error("--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1, "
+                     "--lr > 0 and --gamma_ratio >= 0")
+    try:
+        if not all(lr > 0 for lr in cfg.sweep_lrs()):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--lrs {cfg.lrs!r} must be positive numbers separated by commas, e.g. 1e-3,2e-3")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world:
+        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.fsdp and world == 1:
+        parser.error("--fsdp shards across processes: start with torchrun --nproc_per_node N")
     for folder in (cfg.out, cfg.cache):
         try:
             os.makedirs(folder, exist_ok=True)
@@ -580,16 +836,25 @@ def main(argv=None):
     cfg = parse_args(argv)
     start = time.time()
     report = run(cfg)
-    print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
-    print(results_table(report["results"]))
-    if report["checks"]:
-        rows, adapter_bytes, base_bytes = report["checks"]
-        for label, (acc, diff) in rows.items():
-            print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
-        print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
-    print(f"log: {report['log']}")
-    plot(report["log"], cfg.out)
-    print(f"total time {time.time() - start:.0f} s")
+    rt = report["rt"]
+    if rt.main:
+        print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
+        if cfg.lrs:
+            print(sweep_tables(report["results"], report["lambdas"]))
+            plot_sweep(report["results"], cfg.out)
+        else:
+            print(results_table({method: runs for method, by_lr in report["results"].items()
+                                 for runs in by_lr.values()}))
+            plot(report["log"], cfg.out)
+        if report["checks"]:
+            rows, adapter_bytes, base_bytes = report["checks"]
+            for label, (acc, diff) in rows.items():
+                print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
+            print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
+        print(f"log: {report['log']}")
+        print(f"total time {time.time() - start:.0f} s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
