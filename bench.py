@@ -6,12 +6,18 @@ interleaved block by block (absolute CPU times mean little; on a GPU they do). S
      the authors' layer (the full (U_p * S_p) @ V_p^T built on every forward)
   2. inference after merge_sorsa against the same model built of plain nn.Linear
   3. initialization: exact against randomized SVD, time and accuracy; all of Llama 2 7B
-  4. the regularizer's share of a training step of train_tiny's GPT
-  5. memory: trainable parameters and optimizer state; peak GPU memory on CUDA
+  4. the regularizer: operations launched for Llama 2 7B's 224 layers, its share of a
+     training step of train_tiny's GPT
+  5. memory: trainable parameters and optimizer state; apply_sorsa's peak growth; peak GPU
+     memory on CUDA
+  6. a Llama-shaped model (7B on CUDA, reduced on the CPU) against PEFT's PiSSA, where
+     transformers and peft are installed
+  7. under torchrun: DDP and FSDP2, what is sent and held per rank
 
-    python bench.py            # about 8 minutes on a 2-core CPU
-    python bench.py --quick    # under a minute: smaller shapes, fewer cases
+    python bench.py            # about 10 minutes on a 2-core CPU
+    python bench.py --quick    # about a minute: smaller shapes, fewer cases
     python bench.py --device cuda
+    torchrun --standalone --nproc_per_node 2 bench.py --distributed
 
 The last line printed is one JSON object with the headline ratios.
 """
@@ -19,6 +25,8 @@ The last line printed is one JSON object with the headline ratios.
 import argparse
 import copy
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -159,6 +167,18 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def eq4_layer_by_layer(layers, squared=False):
+    """Eq. 4 as the paper writes it, one layer at a time, in float64: the oracle of the tests, and
+    what the regularizer computed before it was grouped by shape (~25 operations per layer)."""
+    total = 0
+    for layer in layers:
+        U, Vt = layer.U_p.double(), layer.Vt_p.double()
+        eye = torch.eye(layer.rank, dtype=torch.float64, device=U.device)
+        for term in (torch.linalg.matrix_norm(U.T @ U - eye), torch.linalg.matrix_norm(Vt @ Vt.T - eye)):
+            total = total + (term.square() if squared else term)
+    return total
+
+
 def stand_in_layers(shapes, blocks, rank, divisor=1):
     """SORSA layers of the (in, out) shapes (each divided by `divisor`), `blocks` times over, their
     factor gradients already filled, as after the task loss's backward."""
@@ -173,12 +193,11 @@ def stand_in_layers(shapes, blocks, rank, divisor=1):
     return layers
 
 
-def regularizer_op_count(layers):
+def regularizer_op_count(layers, regularizer=sorsa.orthonormal_regularizer):
     """Operations launched by one forward + backward of the regularizer over `layers`."""
     with LaunchCounter() as counter:
-        sorsa.orthonormal_regularizer(layers).backward()
+        regularizer(layers).backward()
     return counter.count
-
 
 
 def regularizer_overhead(device, model_cfg, batch_size):
@@ -189,11 +208,12 @@ def regularizer_overhead(device, model_cfg, batch_size):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     rng = random.Random(0)
-    batch = train_tiny.problem_batch([train_tiny.word_problem(rng) for _ in range(batch_size)], device)
+    problems = [train_tiny.word_problem(rng) for _ in range(batch_size)]
+    rt = train_tiny.Runtime(device, amp=device.type == "cuda")
 
     def step(gamma):
         def call():
-            train_tiny.train_step(model, opt, params, batch, gamma, 1e-3, device)
+            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, rt)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return call
@@ -204,7 +224,14 @@ def regularizer_overhead(device, model_cfg, batch_size):
 
 
 def regularizer_section(device, quick):
-    print("\n4. A training step of train_tiny's GPT (18 block linears adapted, r 8), with / without Eq. 4")
+    print("\n4. The regularizer (Eq. 4): launched operations, and its share of a training step")
+    blocks, shapes = LLM_BLOCKS["Llama 2 7B"]
+    layers = stand_in_layers(shapes, blocks, rank=4, divisor=256)  # the count does not depend on the sizes
+    ops = regularizer_op_count(layers)
+    literal = regularizer_op_count(layers, eq4_layer_by_layer)
+    print(f"  Llama 2 7B's {len(layers)} adapted layers, forward + backward, factor gradients already filled: "
+          f"{ops} operations grouped by shape, {literal} layer by layer")
+    print(f"  (of which {2 * len(layers)} are the gradient accumulations any per-layer U_p and Vt_p need)")
     sizes = [("train_tiny's GPT, d 96, batch 32", train_tiny.GPTConfig(), 32)]
     if not quick:
         sizes.append(("same, d 512, batch 32", train_tiny.GPTConfig(d_model=512), 32))
@@ -214,7 +241,7 @@ def regularizer_section(device, quick):
         overheads.append(with_reg / without - 1)
         print(f"  {label:>32}: step {without * 1e3:6.1f} ms without, {with_reg * 1e3:6.1f} ms with: "
               f"overhead {overheads[-1]:5.1%} (the regularizer alone, forward + backward: {alone * 1e3:.1f} ms)")
-    return overheads[0]
+    return {"reg_ops_llama2_7b": ops, "reg_ops_layer_by_layer": literal, "reg_overhead": round(overheads[0], 3)}
 
 
 # ----------------------------------------------------------------------------- 5. memory
@@ -226,14 +253,34 @@ def count(model):
     return trainable, 2 * 4 * trainable
 
 
-def memory_section(device):
+def resident_kib(field):
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in KiB (Linux)."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def apply_growth(dtype, layers, size, rank, niter):
+    """In a fresh process: how far apply_sorsa raised the peak resident memory above what the model
+    of `layers` (size x size) weights already held; {growth, weights, factors} in bytes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(size, size, bias=False, dtype=dtype) for _ in range(layers)])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the resident memory now
+    before = resident_kib("VmRSS")
+    start = time.perf_counter()
+    sorsa.apply_sorsa(model, rank, niter=niter)
+    seconds = time.perf_counter() - start
+    growth = (resident_kib("VmHWM") - before) * 1024
+    factors = sum(p.nbytes for _, m in sorsa.sorsa_modules(model) for p in (m.U_p, m.S_p, m.Vt_p, m.U_p0, m.S_p0, m.Vt_p0))
+    return {"growth": growth, "weights": layers * size * size * dtype.itemsize, "factors": factors, "seconds": seconds}
+
+
+def memory_section(device, quick):
     print("\n5. Memory: trainable parameters and AdamW state (two float32 moments each)")
     print(f"{'model, method':>26} {'trainable':>14} {'optimizer state':>16} {'extra frozen':>14}")
     tiny = train_tiny.TinyGPT(train_tiny.GPTConfig())
     rows = []
     for method in ("sorsa", "lora", "full"):
-        model, _ = train_tiny.prepare(method, tiny.requires_grad_(False), train_tiny.Config())
-        rows.append(("TinyGPT", method, model))
+        rows.append(("TinyGPT", method, train_tiny.prepare(method, tiny.requires_grad_(False), train_tiny.Config())))
     llama = meta_blocks("Llama 2 7B")
     sorsa_llama = copy.deepcopy(llama)
     sorsa.apply_sorsa(sorsa_llama, 128)
@@ -246,13 +293,211 @@ def memory_section(device):
     for method, trainable in (("lora", lora_llama), ("full", full_llama)):
         print(f"{f'Llama 2 7B r=128, {method}':>26} {trainable:14,} {2 * 4 * trainable / 2**20:13.1f} MiB {0:14,}")
     print("   extra frozen: SORSA's copy of the initial factors, kept to export the learned change")
+    print(f"\n   apply_sorsa's peak memory growth, each in a fresh process (peak RSS), rank 64, niter {HEADLINE_NITER}:")
+    layers, size = (4, 2048) if quick else (16, 4096)
+    out = {}
+    ctx = multiprocessing.get_context("spawn")
+    # glibc's malloc may keep freed blocks of up to 32 MiB in its heap, so that peak RSS follows
+    # its history, not the tensors alive (bf16: 0.25x to 0.6x between identical runs); the child
+    # maps every block over 1 MiB on its own, which it returns on free.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    for dtype, count_ in ((torch.float32, layers), (torch.bfloat16, 2 * layers)):  # both 1 GiB of weights (--quick: 64 MiB)
+        with ctx.Pool(1) as pool:
+            m = pool.apply(apply_growth, (dtype, count_, size, 64, HEADLINE_NITER))
+    del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        out[str(dtype).split(".")[1]] = m["growth"] / m["weights"]
+        print(f"     {count_} {str(dtype).split('.')[1]} {size}x{size} layers ({m['weights'] / 2**30:.2f} GiB): "
+              f"growth {m['growth'] / 2**20:7.1f} MiB = {m['growth'] / m['weights']:.3f}x the weights "
+              f"(new factors {m['factors'] / 2**20:.1f} MiB, one layer {m['weights'] / count_ / 2**20:.0f} MiB); "
+              f"{m['seconds']:.1f} s")
     if device.type == "cuda":
         for method in ("sorsa", "lora", "full"):
             torch.cuda.reset_peak_memory_stats()
-            model, lr = train_tiny.prepare(method, tiny.to(device), train_tiny.Config())
+            model = train_tiny.prepare(method, tiny.to(device), train_tiny.Config())
             batch = train_tiny.problem_batch([train_tiny.word_problem(random.Random(0)) for _ in range(32)], device)
-            train_tiny.answer_loss(model, batch, device).backward()
+            train_tiny.answer_loss(model, batch, train_tiny.Runtime(device, amp=True)).backward()
             print(f"   peak GPU memory of a TinyGPT step, {method}: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
+    return {"apply_peak_over_weights": round(out["float32"], 3), "apply_peak_over_weights_bf16": round(out["bfloat16"], 3)}
+
+
+# ----------------------------------------------------------------------------- 6. a Llama-shaped model against PEFT
+
+
+def llama_section(device, quick):
+    """Training steps of a Llama-2-7B-shaped model with random weights (reduced on the CPU), SORSA
+    against PEFT's PiSSA at the same rank, loaded in bf16 and loaded in FP32 under TF32 + bf16
+    autocast (the paper's setting): step time, peak memory, adaptation time and peak growth."""
+    try:
+        import transformers
+    except ImportError:
+        print("\n6. Llama-shaped model against PEFT: skipped, transformers is not installed (pip install transformers peft)")
+        return {}
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    full = device.type == "cuda" and not quick
+    dims = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000) if full else dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=1000)
+    rank, batch, seq = (128, 2, 1024) if full else (8, 2, 64)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = transformers.LlamaConfig(**dims, max_position_embeddings=seq)
+    label = "Llama-2-7B-shaped" if full else f"Llama-shaped, reduced ({dims['num_hidden_layers']} blocks of {dims['hidden_size']})"
+    print(f"\n6. {label}, rank {rank} on the 7 projections, {batch} x {seq} tokens per step, AdamW at lr 3e-5")
+    if peft is None:
+        print("   peft is not installed: SORSA alone (pip install peft)")
+    cuda = device.type == "cuda"
+    ids = torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for setting, dtype, amp in (("bf16", torch.bfloat16, False), ("fp32_autocast", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = amp
+        for method in ("sorsa", "peft_pissa") if peft else ("sorsa",):
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+            adapted = sum(m.weight.nbytes for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() if cuda else 0
+            start = time.perf_counter()
+            if method == "sorsa":
+                sorsa.apply_sorsa(model, rank, targets, niter=4)
+            else:
+                model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                                   target_modules=targets, init_lora_weights="pissa_niter_4"))
+            if cuda:
+                torch.cuda.synchronize()
+            adapt_s = time.perf_counter() - start
+            growth = (torch.cuda.max_memory_allocated() - before) / adapted if cuda else float("nan")
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.0)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = model(input_ids=ids, labels=ids).loss
+                if method == "sorsa":
+                    loss = sorsa.sorsa_loss(loss, model, gamma=4e-4, lr_max=3e-5)  # the paper's gamma and lr
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+
+            step()  # warm up: optimizer state, kernels
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            step_s = interleaved_times({"step": step}, blocks=3 if full else 2, min_block_s=0.5)["step"]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            results[setting, method] = (step_s, peak, adapt_s, growth)
+            print(f"   {setting:>13} {method:>10}: step {step_s * 1e3:8.1f} ms, peak {peak:6.2f} GiB, "
+                  f"adapting {adapt_s:6.1f} s with peak growth {growth:.3f}x the adapted weights")
+            del model, opt, params
+            if cuda:
+                torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    summary = {}
+    for setting in ("bf16", "fp32_autocast"):
+        if peft:
+            (s_step, s_peak, _, _), (p_step, p_peak, _, _) = results[setting, "sorsa"], results[setting, "peft_pissa"]
+            summary[f"llama_step_sorsa_over_peft_pissa_{setting}"] = round(s_step / p_step, 3)
+            if cuda:
+                summary[f"llama_peak_sorsa_over_peft_pissa_{setting}"] = round(s_peak / p_peak, 3)
+        if cuda:
+            summary[f"llama_apply_growth_over_weights_{setting}"] = round(results[setting, "sorsa"][3], 3)
+    summary["llama_shape"] = "7B" if full else "reduced"
+    return summary
+
+
+# ----------------------------------------------------------------------------- 7. distributed (under torchrun)
+
+
+def distributed_section():
+    """DDP and FSDP2 on one small adapted model, 2 processes: what DDP broadcasts per step with
+    the frozen tensors as buffers (as before) and as frozen parameters (now), step times against
+    one process with the same global batch, and the base weights each rank holds under FSDP2."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    DDP = nn.parallel.DistributedDataParallel
+    sent = [0]
+    real_broadcast = DDP._distributed_broadcast_coalesced
+
+    def counting_broadcast(self, tensors, buffer_size, authoritative_rank=0):
+        sent[0] += sum(t.nbytes for t in tensors)
+        return real_broadcast(self, tensors, buffer_size, authoritative_rank)
+
+    DDP._distributed_broadcast_coalesced = counting_broadcast
+
+    def model(as_buffers=False):
+        torch.manual_seed(0)
+        m = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(6)])
+        sorsa.apply_sorsa(m, 16)
+        if as_buffers:  # the layer as it was: W_r, the initial factors and the bias as buffers
+            for _, layer in sorsa.sorsa_modules(m):
+                for key in ("W_r", "U_p0", "S_p0", "Vt_p0", "bias"):
+                    tensor = getattr(layer, key).detach()
+                    delattr(layer, key)
+                    layer.register_buffer(key, tensor)
+        return m
+
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
+    local = x.chunk(world)[rank]
+
+    def stepper(m, batch):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+
+        def call():
+            opt.zero_grad()
+            sorsa.sorsa_loss(m(batch).square().mean(), m, 1e-4, 1e-3).backward()
+            opt.step()
+        return call
+
+    ddp_now, ddp_before = DDP(model()), DDP(model(as_buffers=True))
+    per_step = {}
+    for label, m in (("now", ddp_now), ("before", ddp_before)):
+        sent[0] = 0
+        stepper(m, local)()
+        per_step[label] = sent[0]
+    def median_time(call, reps=10):  # a fixed count: every rank must make the same collective calls
+        call()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    times = {}
+    for _ in range(3):  # interleaved rounds, so that drifts hit both alike
+        for label, m in (("ddp_now", ddp_now), ("ddp_before", ddp_before)):
+            times.setdefault(label, []).append(median_time(stepper(m, local)))
+    times = {k: statistics.median(v) for k, v in times.items()}
+    single = None
+    if rank == 0:  # one process, the whole global batch, while rank 1 waits
+        single = median_time(stepper(model(), x), reps=30)
+    dist.barrier()
+    fsdp = model()
+    full_bytes = sum(l.W_r.nbytes for _, l in sorsa.sorsa_modules(fsdp))
+    for block in fsdp:
+        fully_shard(block, shard_placement_fn=sorsa.fsdp_shard_placement(fsdp))
+    fully_shard(fsdp)
+    local_bytes = sum(l.W_r.to_local().nbytes for _, l in sorsa.sorsa_modules(fsdp))
+    if rank == 0:
+        print(f"7. {world} gloo processes, 6 SORSA layers of 1024x1024 at r 16, global batch 64 (each rank 32):")
+        print(f"   DDP broadcast per step: {per_step['before'] / 2**20:.1f} MiB with the frozen tensors as buffers "
+              f"(before), {per_step['now'] / 2**20:.1f} MiB as frozen parameters (now)")
+        print(f"   step: DDP now {times['ddp_now'] * 1e3:.1f} ms, DDP before {times['ddp_before'] * 1e3:.1f} ms, "
+              f"one process with the global batch {single * 1e3:.1f} ms")
+        print(f"   FSDP2: each rank holds {local_bytes / 2**20:.1f} MiB of the {full_bytes / 2**20:.1f} MiB of W_r")
+        print(json.dumps({"ddp_broadcast_mib_before": round(per_step["before"] / 2**20, 1),
+                          "ddp_broadcast_mib_now": round(per_step["now"] / 2**20, 1),
+                          "ddp_step_over_single": round(times["ddp_now"] / single, 3),
+                          "ddp_before_over_now": round(times["ddp_before"] / times["ddp_now"], 3),
+                          "fsdp_W_r_per_rank_fraction": round(local_bytes / full_bytes, 3), "world": world}))
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,11 +507,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer cases, under a minute")
+    parser.add_argument("--distributed", action="store_true",
+                        help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU")
+    if args.distributed:
+        if "WORLD_SIZE" not in os.environ:
+            parser.error("--distributed runs under torchrun: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
+        return distributed_section()
     device = torch.device(args.device)
-    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     start = time.time()
     if args.quick:
         big, cases = 1024, [(512, 16, 16), (1024, 128, 16), (1024, 128, 2048)]
@@ -280,18 +532,20 @@ def main(argv=None):
     init = init_section([square, mlp], 128, niters, device)
     if not args.quick:
         llama_projection(init, square, mlp, niters)
-    reg_overhead = regularizer_section(device, args.quick)
-    memory_section(device)
+    reg = regularizer_section(device, args.quick)
+    memory = memory_section(device, args.quick)
+    llama = llama_section(device, args.quick)
     print(f"\ntotal {time.time() - start:.0f} s")
     summary = {
         "sorsa_over_lora": round(1 / statistics.median(v["lora"] for v in layer.values()), 3),
-        "official_over_sorsa_16tok": round(layer[(big if not args.quick else 1024, 128, 16)]["appendixA"], 2),
-        "official_over_sorsa_2048tok": round(layer[(big if not args.quick else 1024, 128, 2048)]["appendixA"], 2),
+        "official_over_sorsa_16tok": round(layer[(big, 128, 16)]["appendixA"], 2),
+        "official_over_sorsa_2048tok": round(layer[(big, 128, 2048)]["appendixA"], 2),
         "merged_over_linear": round(merged_over_linear, 3),
         f"fast_svd_speedup_{mlp[0]}x{mlp[1]}": round(init[(*mlp, "decaying", HEADLINE_NITER)][1], 1),
         "fast_svd_top_r_rel_err": float(f"{init[(*mlp, 'decaying', HEADLINE_NITER)][2]:.2e}"),
-        "reg_overhead": round(reg_overhead, 3),
-        "niter": HEADLINE_NITER, "device": device.type, "quick": args.quick,
+        **reg, **memory, **llama,
+        "niter": HEADLINE_NITER, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "quick": args.quick,
     }
     print(json.dumps(summary))
 

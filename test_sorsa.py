@@ -369,17 +369,6 @@ def eq4_numpy(U_p, Vt_p, squared=False):
     return sum(t**2 if squared else t for t in terms)
 
 
-def eq4_per_layer(layers, squared=False):
-    """Eq. 4 as the paper writes it, one layer at a time, in float64 (differentiable)."""
-    total = 0
-    for layer in layers:
-        U, Vt = layer.U_p.double(), layer.Vt_p.double()
-        eye = torch.eye(layer.rank, dtype=torch.float64, device=U.device)
-        for term in (torch.linalg.matrix_norm(U.T @ U - eye), torch.linalg.matrix_norm(Vt @ Vt.T - eye)):
-            total = total + (term.square() if squared else term)
-    return total
-
-
 @given(split_cases(dtypes=[torch.float32, torch.float64]))
 def test_factors_are_orthonormal_at_init_so_the_regularizer_is_near_zero(case):
     m, n, r, dtype, seed = case
@@ -412,7 +401,7 @@ def test_grouped_regularizer_has_the_value_and_gradient_of_eq4_layer_by_layer(la
     assert value.dtype == (torch.float64 if any(l.U_p.dtype == torch.float64 for l in layers) else torch.float32)
     factors = [p for layer in layers for p in (layer.U_p, layer.Vt_p)]
     grads = torch.autograd.grad(value, factors)
-    expected = eq4_per_layer(layers, squared)
+    expected = bench.eq4_layer_by_layer(layers, squared)
     oracle_grads = torch.autograd.grad(expected, factors)
     rel = 64 * max(eps(f.dtype) for f in factors) * 16
     assert math.isclose(value.item(), sum(eq4_numpy(l.U_p, l.Vt_p, squared) for l in layers), rel_tol=rel, abs_tol=1e-12)
@@ -484,7 +473,7 @@ def test_eq6_step_equals_eq5_with_gamma_t_following_the_schedule(case, lrs, gamm
         opt.step()
         # Eq. 5 by hand: two separate gradients, two separate rates.
         g_train = torch.autograd.grad(((twin(x) - target) ** 2).mean(), factors)
-        g_reg = torch.autograd.grad(eq4_per_layer([twin]), factors, materialize_grads=True)  # S_p: 0
+        g_reg = torch.autograd.grad(bench.eq4_layer_by_layer([twin]), factors, materialize_grads=True)  # S_p: 0
         with torch.no_grad():
             for p, gt, gr in zip(factors, g_train, g_reg):
                 p.sub_(eta_t * gt + (gamma * eta_t / eta_d) * gr)

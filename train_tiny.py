@@ -423,6 +423,8 @@ def weight_change(model, base, names):
     inner = sorsa.unwrap(model)
     with torch.no_grad():
         pairs = [(base.get_submodule(n).weight, effective_weight(inner.get_submodule(n))) for n in names]
+        if not all(torch.isfinite(b).all() for _, b in pairs):  # diverged (too large a learning rate)
+            return math.nan, math.nan
         return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
                 statistics.mean(sorsa.delta_d(a, b) for a, b in pairs))
 
@@ -552,26 +554,34 @@ def check_merge_and_adapter(model, base, test, cfg, rt, base_path):
     return rows, os.path.getsize(path), os.path.getsize(base_path)
 
 
-def hessian_lambda_max(method, base, problems, cfg, rt, iters=30):
+def hessian_lambda_max(method, base, problems, cfg, rt, iters=60):
     """The largest eigenvalue of the task loss's Hessian with respect to a method's trainable
-    parameters at the start of fine-tuning, by power iteration on Hessian-vector products
-    (float32, no autocast, one fixed batch). Classical stability bound for a step: lr < 2 / lambda."""
+    parameters at the start of fine-tuning (float32, no autocast, one fixed batch), by power
+    iteration on Hessian-vector products. Power iteration finds the eigenvalue largest in size;
+    when that one is negative, a second run on H - lambda I finds the largest. Classical
+    stability bound for a gradient step: lr < 2 / lambda_max."""
     torch.manual_seed(0)
     model = prepare(method, base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     with sdpa_kernel(SDPBackend.MATH):  # attention built of plain ops, which autograd differentiates twice
         loss = answer_loss(model, problem_batch(problems, rt.device), dataclasses.replace(rt, amp=False))
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    gen = torch.Generator().manual_seed(0)
-    v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
-    lam = 0.0
-    for _ in range(iters):
-        norm = torch.sqrt(sum((u * u).sum() for u in v))
-        v = [u / norm for u in v]
-        Hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-        lam = sum((u * h).sum() for u, h in zip(v, Hv)).item()  # Rayleigh quotient v^T H v
-        v = [h.detach() for h in Hv]
-    return lam
+
+    def power_iteration(shift):  # the eigenvalue of H - shift I largest in size, plus shift
+        gen = torch.Generator().manual_seed(0)
+        v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
+        lam = 0.0
+        for _ in range(iters):
+            norm = torch.sqrt(sum((u * u).sum() for u in v))
+            v = [u / norm for u in v]
+            Hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            Hv = [h.detach() - shift * u for h, u in zip(Hv, v)]
+            lam = sum((u * h).sum() for u, h in zip(v, Hv)).item()  # Rayleigh quotient of H - shift I
+            v = Hv
+        return lam + shift
+
+    largest_in_size = power_iteration(0.0)
+    return largest_in_size if largest_in_size >= 0 else power_iteration(largest_in_size)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -602,8 +612,10 @@ def results_table(results):
 
 def best_lr(by_lr):
     """The learning rate with the best mean validation accuracy (then the lower validation loss)."""
-    return max(by_lr, key=lambda lr: (statistics.mean(r["val_accuracy"] for r in by_lr[lr]),
-                                      -statistics.mean(r["val_loss"] for r in by_lr[lr])))
+    def score(lr):
+        loss = statistics.mean(r["val_loss"] for r in by_lr[lr])
+        return statistics.mean(r["val_accuracy"] for r in by_lr[lr]), -loss if math.isfinite(loss) else -math.inf
+    return max(by_lr, key=score)
 
 
 def sweep_tables(sweep, lambdas):
