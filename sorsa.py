@@ -91,8 +91,10 @@ def _randomized_svd(W, rank, niter):
     return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
 
 
-def _top_triplets(W, rank, niter):
-    """U_p (m, r), S_p (r,), Vt_p (r, n) of W (m, n); returning frees the full U and V^T."""
+def _top_triplets(weight, rank, niter):
+    """U_p (m, r), S_p (r,), Vt_p (r, n) of the weight, in float32 or float64 (bf16 and fp16
+    SVDs are unsupported or far too inaccurate). Returning frees the wide copy, U and V^T."""
+    W = weight.detach().to(_wide(weight.dtype))  # (m, n), upcast by assignment
     if niter is not None and _sketch_columns(rank) < min(W.shape):
         return _randomized_svd(W, rank, niter)
     U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
@@ -117,14 +119,10 @@ def svd_split(weight, rank, niter=None, factor_dtype=None):
         return (torch.empty(m, rank, device="meta", dtype=factor_dtype), torch.empty(rank, device="meta", dtype=factor_dtype),
                 torch.empty(rank, n, device="meta", dtype=factor_dtype), torch.empty_like(weight))
     with torch.no_grad():
-        # The SVD runs in float32 or float64 (bf16 and fp16 SVDs are unsupported or far too
-        # inaccurate), on a copy that then becomes W_r in place: one (m, n) temporary in all.
-        W = weight.detach().to(_wide(weight.dtype), copy=True)  # (m, n)
         U_p, S_p, Vt_p = (t.to(factor_dtype, memory_format=torch.contiguous_format, copy=True)
-                          for t in _top_triplets(W, rank, niter))
-        # W_r = W_0 - W_p (Eq. 2) from the stored factors, so a narrow factor_dtype's rounding goes into W_r.
-        W.addmm_(U_p.to(W.dtype) * S_p.to(W.dtype), Vt_p.to(W.dtype), alpha=-1)
-        return U_p, S_p, Vt_p, W.to(weight.dtype)
+                          for t in _top_triplets(weight, rank, niter))
+        # W_r from the stored factors, so that a narrow factor_dtype's rounding goes into W_r.
+        return U_p, S_p, Vt_p, add_principal(weight, U_p, S_p, Vt_p, -1)
 
 
 # ----------------------------------------------------------------------------- the layer

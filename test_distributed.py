@@ -120,6 +120,11 @@ def test_two_processes_train_as_one_process_does_on_the_same_global_batch(launch
     if engine == "fsdp":  # each rank holds half of every frozen residual, in the weight's dtype
         assert report["W_r_local_fraction"] and set(report["W_r_local_fraction"]) == {0.5}
         assert set(report["W_r_dtypes"]) == {str(getattr(torch, dtype))}
+        # The sharded factors' Gram matrices are summed (all-reduce), the factors never gathered.
+        names = report["regularizer_collectives"]
+        assert names and not any("gather" in name for name in names) and any("allreduce" in name for name in names)
+    else:
+        assert report["regularizer_collectives"] == []  # DDP: every rank holds whole factors
     # What a wrapped model saved loads onto the plain base and reproduces the trained model.
     fresh = copy.deepcopy(base)
     sorsa.load_adapter(fresh, tmp_path / "adapter.pt")
@@ -127,6 +132,11 @@ def test_two_processes_train_as_one_process_does_on_the_same_global_batch(launch
         assert torch.allclose(fresh(x).float(), single(x).float(), atol=10 * tol)
     lora = torch.load(tmp_path / "lora" / "adapter_model.bin", weights_only=True)
     assert all(k.startswith("base_model.model.") and ".module." not in k for k in lora)
+    names = [name for name, _ in sorsa.sorsa_modules(single)]
+    sorsa.merge_sorsa(single)
+    assert report["merged_names"] == names
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(report["merged_output"]), single(x).float(), atol=10 * tol)
 
 
 def tiny_gpt_with_sorsa():
@@ -188,6 +198,21 @@ def test_train_tiny_under_torchrun_matches_one_process(tmp_path):
 # ----------------------------------------------------------------------------- the worker, run by torchrun
 
 
+class Collectives(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the collective operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if "all_" in name or "allreduce" in name or "broadcast" in name:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+
 def worker(engine, dtype, out):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -206,13 +231,18 @@ def worker(engine, dtype, out):
         W_r = [mod.W_r for _, mod in sorsa.sorsa_modules(model)]
         report["W_r_local_fraction"] = [w.to_local().numel() / w.numel() for w in W_r]
         report["W_r_dtypes"] = [str(w.dtype) for w in W_r]
-    report["regularizer_before"] = sorsa.orthonormal_regularizer(wrapped).item()
+    with Collectives() as seen:
+        report["regularizer_before"] = sorsa.orthonormal_regularizer(wrapped).item()
+    report["regularizer_collectives"] = seen.names
     local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's share of the global batch
     train(wrapped, x[local], target[local])
     report["regularizer_after"] = sorsa.orthonormal_regularizer(wrapped).item()
     torch.save(sorsa.adapter_state_dict(wrapped), os.path.join(out, f"rank{rank}.pt"))  # every rank: gathered
     sorsa.save_adapter(wrapped, os.path.join(out, "adapter.pt"))  # rank 0 writes
     sorsa.save_lora(wrapped, os.path.join(out, "lora"))
+    report["merged_names"] = sorsa.merge_sorsa(wrapped)  # in place, through the wrapper (FSDP2: gathered)
+    with torch.no_grad():
+        report["merged_output"] = wrapped(x).float().tolist()
     if engine == "ddp":  # train_tiny's own step: each rank's share of a global batch, SGD
         import train_tiny
         rt = train_tiny.Runtime(torch.device("cpu"), rank=rank, world=world)

@@ -586,16 +586,19 @@ def half_written_save(obj, f):
     raise OSError(28, "No space left on device")
 
 
-def test_a_save_that_fails_half_way_leaves_the_old_adapter_byte_identical_and_no_temporary(tmp_path, monkeypatch):
+@pytest.mark.parametrize("save, files", [(lambda m, d: save_adapter(m, d / "adapter.pt"), ["adapter.pt"]),
+                                         (save_lora, ["adapter_config.json", "adapter_model.bin"])])
+def test_a_save_that_fails_half_way_leaves_the_old_files_byte_identical_and_no_temporary(tmp_path, monkeypatch,
+                                                                                        save, files):
     _, model, x = trained_pair(2)
-    path = tmp_path / "adapter.pt"
-    save_adapter(model, path)
-    old = path.read_bytes()
+    save(model, tmp_path)
+    old = {name: (tmp_path / name).read_bytes() for name in files}
     train_steps(model, x)
     monkeypatch.setattr(torch, "save", half_written_save)
     with pytest.raises(OSError, match="No space left"):
-        save_adapter(model, path)
-    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]
+        save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    assert all((tmp_path / name).read_bytes() == content for name, content in old.items())
 
 
 def damaged_files(path, tmp_path):
@@ -852,6 +855,11 @@ def int_model():
     return model
 
 
+def attention_model():
+    """nn.MultiheadAttention reads its out_proj's weight directly: a subclass of nn.Linear."""
+    return nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 8)})
+
+
 def tied_model():
     model = nn.Sequential(nn.Embedding(12, 12), nn.Linear(12, 12, bias=False))
     model[1].weight = model[0].weight
@@ -877,6 +885,9 @@ def adapted_model():
     (nan_model, lambda m: apply_sorsa(m, 2), ValueError, "NaN or Inf"),
     (int_model, lambda m: apply_sorsa(m, 2), TypeError, "torch.int64"),
     (tied_model, lambda m: apply_sorsa(m, 2), ValueError, "tied to 0.weight"),
+    (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, not"),
+    (toy_model, lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
+    (toy_model, lambda m: load_adapter(nn.DataParallel(m), {}), TypeError, "call load_adapter on the plain model first"),
 ])
 def test_bad_apply_arguments_raise_a_clear_error_and_change_nothing(build, call, error, words):
     model = build()

@@ -669,6 +669,9 @@ def plot_sweep(sweep, out):
         stats = [mean_std([r["accuracy"] for r in by_lr[lr]]) for lr in lrs]
         ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], label=method, capsize=3, marker="o")
     ax.set_xscale("log")
+    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy")
     ax.legend()

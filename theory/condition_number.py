@@ -17,6 +17,7 @@ gamma > 0, and the two runs are compared at several points of training.
 """
 
 import copy
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class Task:
     m: int = 64  # out features of the pretrained weight
     n: int = 48  # in features
     r: int = 8  # SORSA rank
-    decay: float = 0.1  # singular values of W_0 are exp(-decay * i)
+    spectrum: str = "exp0.1"  # W_0's singular values: exp(-0.1 i); see spectrum_weight
     change_rank: int = 4  # rank of the change the task asks for
     change_size: float = 0.5  # its spectral norm, relative to ||W_0||_2 = 1
     steps: int = 300
@@ -43,13 +44,24 @@ class Task:
 CHECKPOINTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # fractions of training at which runs are compared
 
 
-def decaying_weight(m, n, seed, decay=0.05):
-    """(m, n) float64 with random orthogonal singular vectors and singular values exp(-decay i)."""
+def spectrum_weight(m, n, seed, spectrum):
+    """(m, n) float64 W_0 with ||W_0||_2 = 1: "gaussian" (i.i.d. entries), or singular values
+    "exp<d>" = exp(-d i) or "power<a>" = (1 + i)^-a on random orthogonal singular vectors."""
     g = torch.Generator().manual_seed(seed)
+    if spectrum == "gaussian":
+        W = torch.randn(m, n, generator=g, dtype=torch.float64)
+        return W / torch.linalg.matrix_norm(W, ord=2)
+    kind, value = re.fullmatch(r"(exp|power)([0-9.]+)", spectrum).groups()
     U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
-    k = min(m, n)
-    return (U[:, :k] * torch.exp(-decay * torch.arange(k, dtype=torch.float64))) @ V[:, :k].T
+    i = torch.arange(min(m, n), dtype=torch.float64)
+    s = torch.exp(-float(value) * i) if kind == "exp" else (1 + i) ** -float(value)
+    return (U[:, :len(i)] * s) @ V[:, :len(i)].T
+
+
+def decaying_weight(m, n, seed, decay=0.05):
+    """(m, n) float64 with random orthogonal singular vectors and singular values exp(-decay i)."""
+    return spectrum_weight(m, n, seed, f"exp{decay}")
 
 
 def kappa(A, rank=None):
@@ -69,10 +81,11 @@ def measure(layer, W_0, target):
             "delta_sigma": delta_sigma(W_0, W_t), "delta_d": delta_d(W_0, W_t)}
 
 
-def run(task, seed, gamma):
-    """Fine-tune one task with the paper's recipe; {checkpoint fraction: measure(...)}."""
+def run(task, seed, gamma, every=None):
+    """Fine-tune one task with the paper's recipe; {checkpoint fraction: measure(...)}, and with
+    `every`, under "trace" the (step, measure(...)) of every `every`-th step."""
     g = torch.Generator().manual_seed(seed)
-    W_0 = decaying_weight(task.m, task.n, seed, task.decay)
+    W_0 = spectrum_weight(task.m, task.n, seed, task.spectrum)
     A = torch.randn(task.m, task.change_rank, generator=g, dtype=torch.float64)
     B = torch.randn(task.change_rank, task.n, generator=g, dtype=torch.float64)
     change = A @ B
@@ -84,10 +97,12 @@ def run(task, seed, gamma):
     opt = torch.optim.AdamW([layer.U_p, layer.S_p, layer.Vt_p], lr=task.lr, weight_decay=0.0)
     schedule = cosine_schedule(opt, task.steps)
     marks = {round(f * task.steps): f for f in CHECKPOINTS}
-    out = {}
+    out = {"trace": []} if every else {}
     for step in range(task.steps + 1):
         if step in marks:
             out[marks[step]] = measure(layer, W_0, target)
+        if every and step % every == 0:
+            out["trace"].append((step, measure(layer, W_0, target)))
         if step == task.steps:
             break
         x = torch.randn(task.batch, task.n, generator=g, dtype=torch.float64)  # same stream in both runs
@@ -140,13 +155,29 @@ def one_step_pair(seed, gamma=0.05, eta=0.05, m=32, n=24, r=6, noise=0.3):
 
 
 def lemma_5_4_counts(seeds):
-    """(pairs where Weyl's additive bound holds, pairs where Eq. 12 holds with eps = ||dW||_F)."""
-    weyl = multiplicative = 0
+    """(pairs where Weyl's additive bound holds, pairs where Eq. 12 holds with eps = ||dW||_F,
+    singular values sigma_i^unreg >= 1 in all pairs, those of them for which Eq. 12 holds)."""
+    weyl = multiplicative = at_least_one = holds_there = 0
     for seed in seeds:
         s_un, s_reg, norm2, normF = one_step_pair(seed)
         weyl += bool(((s_reg - s_un).abs() <= norm2 * (1 + 1e-9)).all())
-        multiplicative += bool(((s_reg - s_un).abs() <= normF * s_un).all())
-    return weyl, multiplicative
+        eq12 = (s_reg - s_un).abs() <= normF * s_un
+        multiplicative += bool(eq12.all())
+        at_least_one += int((s_un >= 1).sum())
+        holds_there += int(eq12[s_un >= 1].sum())
+    return weyl, multiplicative, at_least_one, holds_there
+
+
+def equal_fit(task, seeds, gamma, every=1):
+    """Section 4 at equal fit: per task, (delta_sigma, delta_d) of the regularized run at its end over
+    those of the unregularized run at its first recorded step that fits the target as well."""
+    ratios = []
+    for seed in seeds:
+        unreg, reg = run(task, seed, 0.0, every), run(task, seed, gamma)
+        end = reg[1.0]
+        step, match = next(((s, m) for s, m in unreg["trace"] if m["misfit"] <= end["misfit"]), unreg["trace"][-1])
+        ratios.append((end["delta_sigma"] / match["delta_sigma"], end["delta_d"] / match["delta_d"], step))
+    return ratios
 
 
 KEYS = ("misfit", "kappa_Wp", "kappa_U", "kappa_V", "delta_sigma", "delta_d")
@@ -156,10 +187,12 @@ GAMMA_OVER_LR = (0.01, 0.1, Task.gamma_over_lr)  # the last is the paper's ratio
 def main(tasks=30):
     torch.manual_seed(0)
     seeds = range(tasks)
-    weyl, mult = lemma_5_4_counts(range(100))
+    print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
+    weyl, mult, big, big_holds = lemma_5_4_counts(range(100))
     print("Lemma 5.4, one step from 100 random states (32x24, r=6, gamma = eta = 0.05):")
     print(f"  Weyl |s_reg - s_unreg| <= ||dW||_2 held in {weyl}/100; "
-          f"Eq. 12, (1 +- eps) s_unreg with eps = ||dW||_F, held in {mult}/100")
+          f"Eq. 12, (1 +- eps) s_unreg with eps = ||dW||_F, held in {mult}/100;")
+    print(f"  for the {big} singular values with s_unreg >= 1, Eq. 12 held for {big_holds}")
     task = Task()
     print(f"\nTheorem 5.5 and Section 4: {tasks} tasks, W_0 {task.m}x{task.n}, r={task.r}, {task.steps} AdamW "
           f"steps at lr={task.lr:g}; at the end of training, per gamma/lr:")
@@ -180,6 +213,14 @@ def main(tasks=30):
         cells = [(statistics.median(u[f][k] for u, _ in evolution), statistics.median(r[f][k] for _, r in evolution))
                  for k in ("kappa_Wp", "kappa_U", "kappa_V")]
         print(f"{f:5.2f}" + "".join(f"{a:11.4f} -> {b:7.4f}" for a, b in cells))
+    print(f"\nSection 4 at equal fit, 10 tasks: the regularized run at its end against the unregularized run at"
+          f"\nthe first step that fits as well; ratios reg/unreg, then min-max over tasks")
+    for ratio in GAMMA_OVER_LR:
+        rows = equal_fit(task, range(10), ratio * task.lr)
+        sig, d, steps = zip(*rows)
+        print(f"  gamma/lr {ratio:5.3g}: delta_sigma {min(sig):.2f}-{max(sig):.2f} (smaller in {sum(v < 1 for v in sig)}/10), "
+              f"delta_d {min(d):.2f}-{max(d):.2f} (smaller in {sum(v < 1 for v in d)}/10); "
+              f"unregularized steps {min(steps)}-{max(steps)}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ orthonormality and how close it gets.
     python -m theory.regularizer        (a few seconds on a 2-core CPU)
 """
 
+import statistics
+
 import torch
 
-from sorsa import SORSALinear, orthonormal_regularizer
+from sorsa import SORSALinear, cosine_schedule, orthonormal_regularizer
 
 
 def layer_with(U_p, Vt_p):
@@ -93,6 +95,30 @@ def descend(layer, step, steps, squared):
     return history
 
 
+def adamw_descend(layer, lr, steps, squared, scale=1.0, cosine=False):
+    """AdamW (weight decay 0), at a constant lr or on the paper's cosine schedule, on scale * L_reg
+    alone (paper form, or squared); the paper-form L_reg after each step."""
+    opt = torch.optim.AdamW([layer.U_p, layer.Vt_p], lr=lr, weight_decay=0.0)
+    schedule = cosine_schedule(opt, steps) if cosine else None
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        (scale * orthonormal_regularizer([layer], squared=squared)).backward()
+        opt.step()
+        if schedule:
+            schedule.step()
+        history.append(reg(layer.U_p.detach(), layer.Vt_p.detach()))
+    return history
+
+
+def gd_band(step, seeds=range(5), steps=2000, m=64, n=48, r=8):
+    """Gradient descent on the paper form: the mean of L_reg over the last quarter of the steps,
+    over step, per seed. Each factor's distance to the orthonormal set alternates around the
+    step, where the gradient has size 2: a band of mean 2 x step per factor, 4 x step in all."""
+    return [statistics.mean(descend(perturbed_layer(m, n, r, seed, 0.3), step, steps, False)[-steps // 4:]) / step
+            for seed in seeds]
+
+
 def sweep(steps_sizes, m=64, n=48, r=8, noise=0.3, steps=2000, seed=0):
     """Rows (step, form, final L_reg, max of the last 100, first step with L_reg < 1e-10 or None)."""
     rows = []
@@ -106,6 +132,7 @@ def sweep(steps_sizes, m=64, n=48, r=8, noise=0.3, steps=2000, seed=0):
 
 def main():
     torch.manual_seed(0)
+    print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
     print("Theorem 5.1 (convexity): L_reg at the midpoint of two orthonormal points vs their mean")
     print(f"{'m x n, r':>12} {'L_reg(mid)':>11} {'mean(ends)':>11}")
     for m, n, r in [(8, 6, 1), (64, 48, 8), (256, 128, 32)]:
@@ -124,6 +151,23 @@ def main():
         ratio = f"{late_max / step:7.2f}" if form == "paper" else f"{'-':>7}"
         print(f"{step:6g} {form:>8} {final:12.3e} {late_max:13.3e} {ratio} "
               f"{'step ' + str(below) if below else 'never':>15}")
+    print("\nPaper form, gradient descent: mean of L_reg over the last 500 of 2000 steps / step, seeds 0-4")
+    for step in (1e-3, 1e-2, 3e-2, 0.1):
+        print(f"  step {step:6g}: " + ", ".join(f"{v:.3f}" for v in gd_band(step)))
+    print("\nUnder AdamW (the paper's optimizer), on L_reg alone, from ||noise||_F = 0.3 (64x48, r=8):")
+    print("  L_reg after 100 steps at lr 1e-3, the regularizer alone scaled by c (Adam divides the scale out):")
+    for squared in (False, True):
+        values = [adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), 1e-3, 100, squared, scale)[-1]
+                  for scale in (0.01, 0.1, 1, 10, 100, 1000)]
+        print(f"  {'squared' if squared else 'paper':>8}: " + ", ".join(f"{v:.6e}" for v in values)
+              + "   (c = 0.01, 0.1, 1, 10, 100, 1000)")
+    print(f"  1000 steps: mean L_reg over the last 100 at a constant lr (/ lr), and the final L_reg on the cosine schedule")
+    print(f"{'lr':>8} {'form':>8} {'constant: mean':>15} {'/ lr':>7} {'cosine: final':>14}")
+    for lr in (1e-4, 1e-3, 1e-2, 0.1, 0.3):
+        for squared in (False, True):
+            constant = statistics.mean(adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, 1000, squared)[-100:])
+            cosine = adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, 1000, squared, cosine=True)[-1]
+            print(f"{lr:8g} {'squared' if squared else 'paper':>8} {constant:15.3e} {constant / lr:7.2f} {cosine:14.3e}")
 
 
 if __name__ == "__main__":
