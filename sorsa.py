@@ -432,10 +432,10 @@ def write_atomically(path, write):
 
 
 def _sha256(tensors):
-    """SHA-256 of the names, dtypes, shapes and bytes of a dict of CPU tensors."""
+    """SHA-256 of the names, dtypes, shapes and bytes of a dict of tensors."""
     h = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].detach().contiguous()
+        t = tensors[key].detach().cpu().contiguous()  # host memory, one block: string_at reads it as bytes
         h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
         h.update(ctypes.string_at(t.data_ptr(), t.nbytes))
     return h.hexdigest()

@@ -337,6 +337,19 @@ def test_only_the_factors_train_and_there_are_r_m_plus_n_plus_1_of_them(case):
     assert all(p.grad is None for k, p in params.items() if k not in trainable)
 
 
+def test_a_layer_built_on_its_own_trains_only_its_factors_and_owns_what_it_took():
+    """SORSALinear.from_linear without apply_sorsa: W_r and the bias frozen from the start, and the
+    source layer can change afterwards without touching the SORSA layer."""
+    lin = make_linear(5, 4, torch.float32, 0)
+    layer = SORSALinear.from_linear(lin, 2)
+    assert [k for k, p in layer.named_parameters() if p.requires_grad] == ["U_p", "S_p", "Vt_p"]
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+        lin.bias.add_(1.0)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+
+
 def test_state_dict_keys_of_an_adapted_layer_are_stable():
     """Documented in SORSALinear's docstring; adapter files and user checkpoints rely on them."""
     layer = SORSALinear.from_linear(make_linear(5, 4, torch.float32, 0), 2)
