@@ -1,6 +1,7 @@
 """train_tiny.py at tiny sizes, in-process: the demo's path, the learning-rate sweep's
 bookkeeping, the cached base model's faults and the bad-input handling."""
 
+import dataclasses
 import json
 import os
 import random
@@ -113,6 +114,22 @@ def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_res
     calls.clear()
     train_tiny.run(Config(**{**cfg.__dict__, "rank": 2}))  # another experiment: nothing is reused
     assert len(calls) == 12
+
+
+def test_run_key_changes_with_every_setting_that_changes_an_experiment_and_only_with_those():
+    """A resumed sweep reuses a logged run only when its key matches: a key blind to, say, the
+    step count would silently mix 100-step and 300-step results in one table."""
+    cfg = Config()
+    same = {"methods": "lora", "lrs": "1e-3", "seeds": 3, "out": "elsewhere", "device": "cpu",
+            "cache": "other"}
+    assert train_tiny.run_key(Config(**{**cfg.__dict__, **same})) == train_tiny.run_key(cfg)
+    changed = {"targets": "fc", "rank": 4, "steps": 7, "lr": 1e-2, "gamma_ratio": 0.5, "batch_size": 8,
+               "test_size": 10, "val_size": 10, "pretrain_steps": 9, "pretrain_batch": 4, "pretrain_lr": 1e-4,
+               "autocast": "on", "fsdp": True, "quick": True,
+               "model": dataclasses.replace(cfg.model, n_layer=1)}
+    assert set(changed) | set(same) == {f.name for f in dataclasses.fields(Config)}
+    for name, value in changed.items():
+        assert train_tiny.run_key(Config(**{**cfg.__dict__, name: value})) != train_tiny.run_key(cfg), name
 
 
 def test_validation_split_is_disjoint_from_the_test_set_and_from_training():

@@ -722,8 +722,10 @@ def runtime(cfg):
 
 
 def run_key(cfg):
-    """What makes two runs of one method, lr and seed the same experiment (for resuming a sweep)."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "lrs", "seeds", "out", "device")}
+    """What makes two runs of one method, lr and seed the same experiment (for resuming a sweep).
+    Where files go and which device runs it do not (the cached base is keyed by its own settings)."""
+    ignored = ("methods", "lrs", "seeds", "out", "device", "cache")
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
