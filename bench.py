@@ -13,22 +13,27 @@ interleaved block by block (absolute CPU times mean little; on a GPU they do). S
   6. a Llama-shaped model (7B on CUDA, reduced on the CPU) against PEFT's PiSSA, where
      transformers and peft are installed
   7. under torchrun: DDP and FSDP2, what is sent and held per rank
+  8. with --peft, alone: SORSA against PEFT's LoRA layer, a 2-block Llama-shaped training
+     step against PEFT LoRA, and initialization against PEFT's PiSSA
 
     python bench.py            # about 10 minutes on a 2-core CPU
     python bench.py --quick    # about a minute: smaller shapes, fewer cases
     python bench.py --device cuda
     torchrun --standalone --nproc_per_node 2 bench.py --distributed
+    python bench.py --device cuda --peft   # where transformers and peft are installed
 
 The last line printed is one JSON object with the headline ratios.
 """
 
 import argparse
 import copy
+import importlib.util
 import json
 import multiprocessing
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -327,6 +332,68 @@ def memory_section(device, quick):
 # ----------------------------------------------------------------------------- 6. a Llama-shaped model against PEFT
 
 
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SETTINGS = {"bf16": (torch.bfloat16, False), "fp32_autocast": (torch.float32, True)}  # weights' dtype, autocast
+
+
+def llama_run(device, config, rank, ids, setting, method, blocks=3):
+    """Adapt a Llama model with random weights (method: sorsa, peft_pissa or peft_lora, all on
+    the 7 projections at one rank) and time AdamW training steps at lr 3e-5. Prints and returns
+    (seconds per step, peak GiB, seconds to adapt, peak growth while adapting / adapted weights);
+    memory on CUDA only (nan on the CPU)."""
+    import transformers
+    dtype, amp = SETTINGS[setting]
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = amp
+    torch.manual_seed(0)
+    with torch.device(device):  # random weights made where they will live
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    adapted = sum(m.weight.nbytes for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and n.split(".")[-1] in LLAMA_TARGETS)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    start = time.perf_counter()
+    if method == "sorsa":
+        sorsa.apply_sorsa(model, rank, LLAMA_TARGETS, niter=4)
+    else:
+        import peft
+        init = {"peft_pissa": "pissa_niter_4", "peft_lora": True}[method]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                           target_modules=LLAMA_TARGETS, init_lora_weights=init))
+    if cuda:
+        torch.cuda.synchronize()
+    adapt_s = time.perf_counter() - start
+    growth = (torch.cuda.max_memory_allocated() - before) / adapted if cuda else float("nan")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-5, weight_decay=0.0)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=ids, labels=ids).loss
+        if method == "sorsa":
+            loss = sorsa.sorsa_loss(loss, model, gamma=4e-4, lr_max=3e-5)  # the paper's gamma and lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # warm up: optimizer state, kernels
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = interleaved_times({"step": step}, blocks=blocks, min_block_s=0.5)["step"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    memory = (f"peak {peak:6.2f} GiB, adapting {adapt_s:6.1f} s with peak growth {growth:.3f}x the adapted "
+              f"weights" if cuda else f"adapting {adapt_s:5.2f} s (memory: on CUDA only)")
+    print(f"   {setting:>13} {method:>10}: step {step_s * 1e3:8.1f} ms, {memory}")
+    del model, opt
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if cuda:
+        torch.cuda.empty_cache()
+    return step_s, peak, adapt_s, growth
+
+
 def llama_section(device, quick):
     """Training steps of a Llama-2-7B-shaped model with random weights (reduced on the CPU), SORSA
     against PEFT's PiSSA at the same rank, loaded in bf16 and loaded in FP32 under TF32 + bf16
@@ -336,81 +403,28 @@ def llama_section(device, quick):
     except ImportError:
         print("\n6. Llama-shaped model against PEFT: skipped, transformers is not installed (pip install transformers peft)")
         return {}
-    try:
-        import peft
-    except ImportError:
-        peft = None
+    methods = ("sorsa", "peft_pissa") if importlib.util.find_spec("peft") else ("sorsa",)
     full = device.type == "cuda" and not quick
     dims = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 vocab_size=32000) if full else dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                                                    num_attention_heads=4, vocab_size=1000)
     rank, batch, seq = (128, 2, 1024) if full else (8, 2, 64)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = transformers.LlamaConfig(**dims, max_position_embeddings=seq)
     label = "Llama-2-7B-shaped" if full else f"Llama-shaped, reduced ({dims['num_hidden_layers']} blocks of {dims['hidden_size']})"
     print(f"\n6. {label}, rank {rank} on the 7 projections, {batch} x {seq} tokens per step, AdamW at lr 3e-5")
-    if peft is None:
+    if len(methods) == 1:
         print("   peft is not installed: SORSA alone (pip install peft)")
-    cuda = device.type == "cuda"
     ids = torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    results = {}
-    for setting, dtype, amp in (("bf16", torch.bfloat16, False), ("fp32_autocast", torch.float32, True)):
-        torch.backends.cuda.matmul.allow_tf32 = amp
-        for method in ("sorsa", "peft_pissa") if peft else ("sorsa",):
-            torch.manual_seed(0)
-            with torch.device(device):  # random weights made where they will live
-                model = transformers.LlamaForCausalLM(config).to(dtype)
-            adapted = sum(m.weight.nbytes for n, m in model.named_modules()
-                          if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated() if cuda else 0
-            start = time.perf_counter()
-            if method == "sorsa":
-                sorsa.apply_sorsa(model, rank, targets, niter=4)
-            else:
-                model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                                   target_modules=targets, init_lora_weights="pissa_niter_4"))
-            if cuda:
-                torch.cuda.synchronize()
-            adapt_s = time.perf_counter() - start
-            growth = (torch.cuda.max_memory_allocated() - before) / adapted if cuda else float("nan")
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.0)
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = model(input_ids=ids, labels=ids).loss
-                if method == "sorsa":
-                    loss = sorsa.sorsa_loss(loss, model, gamma=4e-4, lr_max=3e-5)  # the paper's gamma and lr
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if cuda:
-                    torch.cuda.synchronize()
-
-            step()  # warm up: optimizer state, kernels
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            step_s = interleaved_times({"step": step}, blocks=3 if full else 2, min_block_s=0.5)["step"]
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            results[setting, method] = (step_s, peak, adapt_s, growth)
-            memory = (f"peak {peak:6.2f} GiB, adapting {adapt_s:6.1f} s with peak growth {growth:.3f}x the adapted "
-                      f"weights" if cuda else f"adapting {adapt_s:5.2f} s (memory: on CUDA only)")
-            print(f"   {setting:>13} {method:>10}: step {step_s * 1e3:8.1f} ms, {memory}")
-            del model, opt, params
-            if cuda:
-                torch.cuda.empty_cache()
-    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {(setting, method): llama_run(device, config, rank, ids, setting, method, blocks=3 if full else 2)
+               for setting in SETTINGS for method in methods}
     summary = {}
-    for setting in ("bf16", "fp32_autocast"):
-        if peft:
+    for setting in SETTINGS:
+        if len(methods) == 2:
             (s_step, s_peak, _, _), (p_step, p_peak, _, _) = results[setting, "sorsa"], results[setting, "peft_pissa"]
             summary[f"llama_step_sorsa_over_peft_pissa_{setting}"] = round(s_step / p_step, 3)
-            if cuda:
+            if device.type == "cuda":
                 summary[f"llama_peak_sorsa_over_peft_pissa_{setting}"] = round(s_peak / p_peak, 3)
-        if cuda:
+        if device.type == "cuda":
             summary[f"llama_apply_growth_over_weights_{setting}"] = round(results[setting, "sorsa"][3], 3)
     summary["llama_shape"] = "7B" if full else "reduced"
     return summary
@@ -506,6 +520,97 @@ def distributed_section():
     dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- 8. against PEFT (--peft)
+
+
+class OneLayer(nn.Module):
+    """A model of one linear layer, named proj, for PEFT's get_peft_model."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def top_singular_values(B, A):
+    """Singular values of the rank-r product B A, B (m, r), A (r, n), from its r x r core."""
+    core = torch.linalg.qr(B.double()).R @ torch.linalg.qr(A.double().T).R.T  # B A = Q_B core Q_A^T
+    return torch.linalg.svdvals(core)
+
+
+def peft_section(device, quick):
+    """SORSA against PEFT (where installed), each in bf16: one layer's forward + backward against
+    PEFT's LoRA layer and a frozen nn.Linear; a whole training step of a 2-block Llama-shaped model
+    against PEFT LoRA at the same rank; a layer's initialization by svd_split(niter=3) against PEFT's
+    init_lora_weights="pissa_niter_4" (time, and the top-r singular values' error). Full sizes on
+    CUDA, reduced on the CPU or with --quick (then the ratios only show that it runs)."""
+    import peft
+    import transformers
+    full = device.type == "cuda" and not quick
+    d, rank, token_counts = (4096, 128, (16, 2048, 8192)) if full else (512, 16, (16, 256, 1024))
+    print(f"\n8. Against PEFT {peft.__version__}, bf16 base, rank {rank}")
+    print(f"   one {d}x{d} layer, forward + backward, time / SORSA:")
+    summary = {}
+    for tokens in token_counts:
+        torch.manual_seed(0)
+        with torch.device(device):
+            linear = nn.Linear(d, d, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+        layer = sorsa.SORSALinear.from_linear(linear, rank, niter=4)
+        lora = peft.get_peft_model(OneLayer(copy.deepcopy(linear)), peft.LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["proj"]))
+        forms = {"sorsa": (layer, [layer.U_p, layer.S_p, layer.Vt_p]),
+                 "peft_lora": (lora, [p for p in lora.parameters() if p.requires_grad]), "linear": (linear, [])}
+        with torch.device(device):
+            times = time_forms(forms, tokens, d, dtype=torch.bfloat16)
+        print(f"     {tokens:>5} tokens: PEFT LoRA {times['peft_lora'] / times['sorsa']:5.2f}, "
+              f"nn.Linear {times['linear'] / times['sorsa']:5.2f}, SORSA {times['sorsa'] * 1e3:8.2f} ms")
+        summary[f"peft_layer_sorsa_over_lora_{tokens}tok"] = round(times["sorsa"] / times["peft_lora"], 3)
+
+    hidden, mlp, batch, seq = (4096, 11008, 2, 1024) if full else (256, 688, 2, 64)
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=2,
+                                      num_attention_heads=hidden // 128 if full else 4, vocab_size=32000 if full else 1000,
+                                      max_position_embeddings=seq)
+    print(f"   a training step of a 2-block Llama-shaped model (hidden {hidden}, MLP {mlp}), {batch} x {seq} tokens:")
+    ids = torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    runs = {method: llama_run(device, config, rank, ids, "bf16", method, blocks=5 if full else 2)
+            for method in ("sorsa", "peft_lora")}
+    summary["peft_llama2blk_step_sorsa_over_lora"] = round(runs["sorsa"][0] / runs["peft_lora"][0], 3)
+    if device.type == "cuda":
+        summary["peft_llama2blk_peak_sorsa_over_lora"] = round(runs["sorsa"][1] / runs["peft_lora"][1], 3)
+
+    m, n = (11008, 4096) if full else (2752, 1024)
+    W = decaying_matrix(m, n).to(device)  # an LLM-like spectrum (section 3)
+    exact = torch.linalg.svdvals(W.double())[:128]
+
+    def init(method):
+        holder = OneLayer(nn.Linear(n, m, bias=False, device=device))
+        with torch.no_grad():
+            holder.proj.weight.copy_(W)
+        if method == "sorsa":
+            sorsa.apply_sorsa(holder, 128, ["proj"], niter=HEADLINE_NITER)
+            B, A = holder.proj.U_p * holder.proj.S_p, holder.proj.Vt_p
+        else:
+            holder = peft.get_peft_model(holder, peft.LoraConfig(r=128, lora_alpha=128, lora_dropout=0.0,
+                                                                 target_modules=["proj"], init_lora_weights="pissa_niter_4"))
+            inner = holder.base_model.model.proj
+            B, A = inner.lora_B["default"].weight, inner.lora_A["default"].weight  # scaling = alpha / r = 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return B.detach(), A.detach()
+
+    times = interleaved_times({method: lambda method=method: init(method) for method in ("sorsa", "peft_pissa")},
+                              blocks=3, min_block_s=0.0)
+    print(f"   initializing one {m}x{n} layer at rank 128, LLM-like spectrum (seconds, max relative error of the top 128):")
+    for method, label in (("sorsa", f"svd_split(niter={HEADLINE_NITER})"), ("peft_pissa", "PEFT pissa_niter_4")):
+        err = ((top_singular_values(*init(method)).cpu() - exact.cpu()).abs() / exact.cpu()).max().item()
+        print(f"     {label:>22}: {times[method]:7.3f} s, error {err:.2e}")
+        summary[f"peft_init_err_{method}"] = float(f"{err:.2e}")
+    summary["peft_init_time_sorsa_over_pissa"] = round(times["sorsa"] / times["peft_pissa"], 3)
+    return summary
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -515,6 +620,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer cases, under a minute")
     parser.add_argument("--distributed", action="store_true",
                         help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
+    parser.add_argument("--peft", action="store_true", help="section 8 alone: SORSA against PEFT (needs transformers, peft)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU")
@@ -523,9 +629,18 @@ def main(argv=None):
             parser.error("--distributed runs under torchrun: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
         return distributed_section()
     device = torch.device(args.device)
-    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {device}{' (' + name + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     start = time.time()
+    if args.peft:
+        try:
+            summary = peft_section(device, args.quick)
+        except ImportError as e:
+            sys.exit(f"bench.py --peft needs transformers and peft beside the project ({e}): pip install transformers peft")
+        print(f"\ntotal {time.time() - start:.0f} s")
+        print(json.dumps({**summary, "device": name, "quick": args.quick}))
+        return
     if args.quick:
         big, cases = 1024, [(512, 16, 16), (1024, 128, 16), (1024, 128, 2048)]
         square, mlp, niters = (1024, 1024), (1024, 2752), (2, 3, 4)
@@ -550,7 +665,7 @@ def main(argv=None):
         f"fast_svd_speedup_{mlp[0]}x{mlp[1]}": round(init[(*mlp, "decaying", HEADLINE_NITER)][1], 1),
         "fast_svd_top_r_rel_err": float(f"{init[(*mlp, 'decaying', HEADLINE_NITER)][2]:.2e}"),
         **reg, **memory, **llama,
-        "niter": HEADLINE_NITER, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "niter": HEADLINE_NITER, "device": name,
         "quick": args.quick,
     }
     print(json.dumps(summary))

@@ -975,6 +975,17 @@ def test_trainable_parameters_of_table_1_from_meta_shapes(model_name, rank, mill
     assert round(trainable / 1e6) == millions
 
 
+@given(split_cases(dtypes=[torch.float64]))
+def test_bench_reads_the_singular_values_of_a_low_rank_product_from_its_core(case):
+    """bench.py --peft compares SORSA's and PEFT's initializations by the singular values of
+    B A, read from an r x r core: they must be those of the dense product (float64, so a
+    relative 1e-10 is far above rounding and far below any real discrepancy)."""
+    m, n, r, _, seed = case
+    B, A = rand(m, r, seed=seed), rand(r, n, seed=seed + 1)
+    expected = torch.linalg.svdvals(B @ A)[:r]
+    assert torch.allclose(bench.top_singular_values(B, A), expected, rtol=1e-10, atol=1e-12 * expected[0])
+
+
 # ----------------------------------------------------------------------------- README
 
 

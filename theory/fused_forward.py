@@ -89,9 +89,9 @@ def interleaved_times(fns, blocks=3, min_block_s=0.1):
     return {name: statistics.median(t) for name, t in samples.items()}
 
 
-def time_forms(forms, tokens, n, blocks=3):
+def time_forms(forms, tokens, n, blocks=3, dtype=torch.float32):
     """Median seconds of one forward + backward (to the input and the trainable tensors) per form."""
-    x = torch.randn(tokens, n, requires_grad=True)
+    x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
 
     def step(forward, params):
         def call():
