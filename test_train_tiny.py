@@ -205,12 +205,14 @@ def test_device_cuda_without_cuda_exits_with_status_2(capsys):
     assert exit_info.value.code == 2 and "sees no CUDA GPU" in capsys.readouterr().err
 
 
-def test_unwritable_out_exits_with_status_2(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["out", "cache"])
+def test_an_unwritable_folder_exits_with_status_2_naming_its_flag(tmp_path, capsys, flag):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        train_tiny.parse_args(["--out", str(blocker / "out")])
-    assert exit_info.value.code == 2 and "cannot write to" in capsys.readouterr().err
+        train_tiny.parse_args([f"--{flag}", str(blocker / flag)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write to" in err and f"pass a writable --{flag}" in err
 
 
 def test_sweep_log_lines_are_json_with_the_run_key(tmp_path, monkeypatch):

@@ -839,13 +839,13 @@ def parse_args(argv=None):
         parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     if cfg.fsdp and world == 1:
         parser.error("--fsdp shards across processes: start with torchrun --nproc_per_node N")
-    for folder in (cfg.out, cfg.cache):
+    for flag, folder in (("out", cfg.out), ("cache", cfg.cache)):
         try:
             os.makedirs(folder, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as err:
-            parser.error(f"cannot write to {folder}: {err.strerror}; pass a writable --out")
+            parser.error(f"cannot write to {folder}: {err.strerror}; pass a writable --{flag}")
     return cfg
 
 
