@@ -145,6 +145,24 @@ def init_section(shapes, rank, niters, device):
     return out
 
 
+def bf16_step0_error(device, m=1024, rank=64, tokens=256):
+    """A bf16 layer at step 0: its output's error against the exact x W_0^T, relative, beside the
+    bf16 nn.Linear's own (both round x W_0 in bf16; SORSA adds the rounding of its two paths)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(m, m, bias=False).to(device, torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(decaying_matrix(m, m).to(device))
+    layer = sorsa.SORSALinear.from_linear(linear, rank)
+    x = torch.randn(tokens, m, device=device).to(torch.bfloat16)
+    exact = x.double() @ linear.weight.double().T
+    with torch.no_grad():
+        errors = {name: (torch.linalg.norm(f(x).double() - exact) / torch.linalg.norm(exact)).item()
+                  for name, f in (("sorsa", layer), ("linear", linear))}
+    print(f"   bf16 at step 0 ({m}x{m}, r {rank}, {tokens} inputs): |y - x W_0^T| / |x W_0^T| = {errors['sorsa']:.1e} "
+          f"(nn.Linear in bf16: {errors['linear']:.1e})")
+    return {"bf16_step0_rel_err": float(f"{errors['sorsa']:.2e}"), "bf16_linear_rel_err": float(f"{errors['linear']:.2e}")}
+
+
 def llama_projection(init, square, mlp, niters):
     """Seconds to split all 224 linear layers of Llama 2 7B: 128 square ones, 96 of the MLP shape."""
     print("   projected for all 224 layers of Llama 2 7B (128 of 4096x4096, 96 of 4096x11008):")
@@ -366,15 +384,17 @@ def llama_run(device, config, rank, ids, setting, method, blocks=3):
         torch.cuda.synchronize()
     adapt_s = time.perf_counter() - start
     growth = (torch.cuda.max_memory_allocated() - before) / adapted if cuda else float("nan")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-5, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.0)
 
-    def step():
+    def step():  # the paper's recipe (Table 3): clipping at 1.0, the regularizer added after it
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=ids, labels=ids).loss
-        if method == "sorsa":
-            loss = sorsa.sorsa_loss(loss, model, gamma=4e-4, lr_max=3e-5)  # the paper's gamma and lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if method == "sorsa":
+            sorsa.add_regularizer_grad(model, gamma=4e-4, lr_max=3e-5)  # the paper's gamma (on the mean) and lr
         opt.step()
         if cuda:
             torch.cuda.synchronize()
@@ -517,7 +537,7 @@ def distributed_section():
                           "ddp_step_over_single": round(times["ddp_now"] / single, 3),
                           "ddp_before_over_now": round(times["ddp_before"] / times["ddp_now"], 3),
                           "fsdp_W_r_per_rank_fraction": round(local_bytes / full_bytes, 3), "world": world}))
-    dist.destroy_process_group()
+    train_tiny.end_distributed()
 
 
 # ----------------------------------------------------------------------------- 8. against PEFT (--peft)
@@ -651,6 +671,7 @@ def main(argv=None):
     layer = layer_section(cases, device)
     merged_over_linear = merge_section(device, 256 if args.quick else 512, 128 if args.quick else 256)
     init = init_section([square, mlp], 128, niters, device)
+    step0 = bf16_step0_error(device)
     if not args.quick:
         llama_projection(init, square, mlp, niters)
     reg = regularizer_section(device, args.quick)
@@ -664,7 +685,7 @@ def main(argv=None):
         "merged_over_linear": round(merged_over_linear, 3),
         f"fast_svd_speedup_{mlp[0]}x{mlp[1]}": round(init[(*mlp, "decaying", HEADLINE_NITER)][1], 1),
         "fast_svd_top_r_rel_err": float(f"{init[(*mlp, 'decaying', HEADLINE_NITER)][2]:.2e}"),
-        **reg, **memory, **llama,
+        **step0, **reg, **memory, **llama,
         "niter": HEADLINE_NITER, "device": name,
         "quick": args.quick,
     }

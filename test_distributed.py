@@ -9,14 +9,17 @@ asserts. Tolerances: float32 reductions in another order, a few eps_32 of the va
 import copy
 import json
 import os
+import math
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import Shard
 
 import sorsa
 
@@ -62,8 +65,9 @@ def stop(proc, marker):
 
 
 def model_and_batch(dtype):
-    """A small adapted model (even sizes: each of 2 ranks holds exactly half of every tensor) and a
-    global batch of 8. The factors are moved off orthonormality so the regularizer has a gradient."""
+    """A small adapted model and a global batch of 12. The widths are 12 and 20: 2 ranks hold half of
+    every tensor, 3 ranks cannot shard a width of 20 by columns. The factors are moved off
+    orthonormality so the regularizer has a gradient."""
     from test_sorsa import rand, toy_model
     base = toy_model(0, d=12, h=20, dtype=dtype)
     model = copy.deepcopy(base)
@@ -72,44 +76,54 @@ def model_and_batch(dtype):
         for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
             mod.U_p.add_(0.1 * rand(*mod.U_p.shape, seed=i, dtype=torch.float32))
             mod.Vt_p.add_(0.1 * rand(*mod.Vt_p.shape, seed=100 + i, dtype=torch.float32))
-    x = rand(8, 12, seed=7, dtype=dtype)
+    x = rand(12, 12, seed=7, dtype=dtype)  # a global batch of 12: an equal share on 2 or 3 ranks
     return base, model, x, torch.sin(3 * x)
 
 
-def train(model, x, target, steps=STEPS):
-    """SGD on Eq. 6 with a mean-squared task loss; an optimizer over model.parameters(), as users write it."""
+def train(model, x, target, engine, steps=STEPS):
+    """SGD on Eq. 6 with a mean-squared task loss; an optimizer over model.parameters(), as users
+    write it. DDP: sorsa_loss; FSDP2: the authors' order, the regularizer's own backward after the
+    task's (add_regularizer_grad), which no FSDP2 hook sees."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(steps):
         opt.zero_grad()
-        sorsa.sorsa_loss((model(x) - target).float().square().mean(), model, GAMMA, LR).backward()
+        task = (model(x) - target).float().square().mean()
+        if engine == "ddp":
+            sorsa.sorsa_loss(task, model, GAMMA, LR).backward()
+        else:
+            task.backward()
+            sorsa.add_regularizer_grad(model, GAMMA, LR)
         opt.step()
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """launched(engine, dtype): the folder of one worker launch, each launched once per test session."""
+    """launched(engine, dtype, nproc): the folder of one worker launch, each launched once per session."""
     folders = {}
 
-    def launch(engine, dtype):
-        if (engine, dtype) not in folders:
-            folder = tmp_path_factory.mktemp(f"{engine}-{dtype}")
-            torchrun(__file__, engine, dtype, str(folder))
-            folders[engine, dtype] = folder
-        return folders[engine, dtype]
+    def launch(engine, dtype, nproc=2):
+        if (engine, dtype, nproc) not in folders:
+            folder = tmp_path_factory.mktemp(f"{engine}-{dtype}-{nproc}")
+            torchrun(__file__, engine, dtype, str(folder), nproc=nproc)
+            folders[engine, dtype, nproc] = folder
+        return folders[engine, dtype, nproc]
     return launch
 
 
-@pytest.mark.parametrize("engine, dtype", [("ddp", "float32"), ("fsdp", "float32"), ("fsdp", "bfloat16")])
-def test_two_processes_train_as_one_process_does_on_the_same_global_batch(launched, engine, dtype):
-    tmp_path = launched(engine, dtype)
+@pytest.mark.parametrize("engine, dtype, nproc", [("ddp", "float32", 2), ("fsdp", "float32", 2), ("fsdp", "bfloat16", 2),
+                                                  ("fsdp", "float32", 3)])
+def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, engine, dtype, nproc):
+    """DDP and FSDP2 against one process, 2 ranks, and 3 ranks, where fsdp_shard_placement keeps the
+    width-20 Vt_p on rows (FSDP2 cannot shard 20 columns 3 ways) and its Gram is gathered."""
+    tmp_path = launched(engine, dtype, nproc)
     report = json.loads((tmp_path / "report.json").read_text())
     base, single, x, target = model_and_batch(getattr(torch, dtype))
     reg0 = sorsa.orthonormal_regularizer(single).item()
-    train(single, x, target)
+    train(single, x, target, engine)
     expected = sorsa.adapter_state_dict(single)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert ranks[0].keys() == ranks[1].keys() == expected.keys()
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)  # both ranks hold one model
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+    assert all(r.keys() == expected.keys() for r in ranks)
+    assert all(torch.equal(ranks[0][k], other[k]) for other in ranks[1:] for k in expected)  # one model on all ranks
     # bf16 base: the task gradient passes through bf16 activations computed in other batch splits.
     tol = 1e-5 if dtype == "float32" else 2e-2
     for k, v in expected.items():
@@ -117,15 +131,22 @@ def test_two_processes_train_as_one_process_does_on_the_same_global_batch(launch
     assert abs(report["regularizer_before"] - reg0) <= 1e-6 * (1 + reg0)  # the sharded Gram sum is the whole one
     assert abs(report["regularizer_after"] - sorsa.orthonormal_regularizer(single).item()) <= tol
     assert report["broadcast_bytes"] == 0  # DDP broadcasts buffers every step; the layer has none
-    if engine == "fsdp":  # each rank holds half of every frozen residual, in the weight's dtype
-        assert report["W_r_local_fraction"] and set(report["W_r_local_fraction"]) == {0.5}
-        assert set(report["W_r_dtypes"]) == {str(getattr(torch, dtype))}
-        # The sharded factors' Gram matrices are summed (all-reduce), the factors never gathered.
-        names = report["regularizer_collectives"]
-        assert names and not any("gather" in name for name in names) and any("allreduce" in name for name in names)
+    names = report["regularizer_collectives"]
+    if engine == "fsdp":  # rank 0 holds its share of every frozen residual, in the weight's dtype
+        shares = [math.ceil(mod.W_r.shape[0] / nproc) / mod.W_r.shape[0] for _, mod in sorsa.sorsa_modules(single)]
+        assert report["W_r_local_fraction"] == pytest.approx(shares) and set(report["W_r_dtypes"]) == {str(getattr(torch, dtype))}
+        widths = [mod.in_features for _, mod in sorsa.sorsa_modules(single)]
+        assert report["Vt_p_placements"] == ["S(1)" if n % nproc == 0 else "S(0)" for n in widths]
+        # The sharded factors' Gram matrices are summed (all-reduce); only a Vt_p held by rows is gathered.
+        assert any("allreduce" in name for name in names)
+        assert any("gather" in name for name in names) == any(n % nproc for n in widths)
     else:
-        assert report["regularizer_collectives"] == []  # DDP: every rank holds whole factors
-    # What a wrapped model saved loads onto the plain base and reproduces the trained model.
+        assert names == []  # DDP: every rank holds whole factors
+    # Saved through the wrapper, complete on every rank when the save returns, even while rank 0 writes
+    # slowly; a write that fails on rank 0 raises on rank 1 too.
+    seen = json.loads((tmp_path / "rank1_loaded.json").read_text())
+    assert (seen["adapter"], seen["lora_files"]) == (True, 2)
+    assert seen["failure"].startswith("RuntimeError: rank 0 could not write") and "FileNotFoundError" in seen["failure"]
     fresh = copy.deepcopy(base)
     sorsa.load_adapter(fresh, tmp_path / "adapter.pt")
     with torch.no_grad():
@@ -137,6 +158,18 @@ def test_two_processes_train_as_one_process_does_on_the_same_global_batch(launch
     assert report["merged_names"] == names
     with torch.no_grad():
         assert torch.allclose(torch.tensor(report["merged_output"]), single(x).float(), atol=10 * tol)
+
+
+def test_fsdp_placement_shards_columns_only_where_the_world_size_divides_them():
+    """The placement function alone, for world sizes that do and do not divide Llama's widths."""
+    model = nn.ModuleDict({"q_proj": nn.Linear(4096, 16), "down_proj": nn.Linear(11008, 16)})
+    sorsa.apply_sorsa(model, 4)
+    q, down = model["q_proj"], model["down_proj"]
+    for world, q_cols, down_cols in [(2, True, True), (3, False, False), (4, True, True), (6, False, False), (8, True, True)]:
+        place = sorsa.fsdp_shard_placement(model, world_size=world)
+        for layer, columns in ((q, q_cols), (down, down_cols)):
+            assert (place(layer.Vt_p) == Shard(1)) == columns and (place(layer.Vt_p0) == Shard(1)) == columns
+            assert place(layer.U_p) is None and place(layer.W_r) is None  # rows, FSDP2's default
 
 
 def tiny_gpt_with_sorsa():
@@ -190,7 +223,7 @@ def test_train_tiny_under_torchrun_matches_one_process(tmp_path):
     assert abs(ddp_rows[0]["train_loss"] - one_rows[0]["train_loss"]) <= 1e-5 * one_rows[0]["train_loss"]
     # Later ones drift apart by AdamW alone: its first steps move every coordinate by about lr
     # whatever the gradient's size, so rounding-level differences in tiny gradients grow (exact
-    # gradients: test_two_processes_..., and train_step itself in the ddp worker, with SGD).
+    # gradients: test_processes_train_..., and train_step itself in the ddp worker, with SGD).
     for a, b in zip(ddp_rows[1:], one_rows[1:]):
         assert abs(a["train_loss"] - b["train_loss"]) <= 0.01 * b["train_loss"], (a, b)
 
@@ -228,18 +261,32 @@ def worker(engine, dtype, out):
         for block in model:
             fully_shard(block, shard_placement_fn=placement)
         wrapped = fully_shard(model, shard_placement_fn=placement)
-        W_r = [mod.W_r for _, mod in sorsa.sorsa_modules(model)]
-        report["W_r_local_fraction"] = [w.to_local().numel() / w.numel() for w in W_r]
-        report["W_r_dtypes"] = [str(w.dtype) for w in W_r]
+        layers = [mod for _, mod in sorsa.sorsa_modules(model)]
+        report["W_r_local_fraction"] = [m.W_r.to_local().numel() / m.W_r.numel() for m in layers]
+        report["W_r_dtypes"] = [str(m.W_r.dtype) for m in layers]
+        report["Vt_p_placements"] = [str(m.Vt_p.placements[0]) for m in layers]
     with Collectives() as seen:
         report["regularizer_before"] = sorsa.orthonormal_regularizer(wrapped).item()
     report["regularizer_collectives"] = seen.names
     local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's share of the global batch
-    train(wrapped, x[local], target[local])
+    train(wrapped, x[local], target[local], engine)
     report["regularizer_after"] = sorsa.orthonormal_regularizer(wrapped).item()
-    torch.save(sorsa.adapter_state_dict(wrapped), os.path.join(out, f"rank{rank}.pt"))  # every rank: gathered
+    gathered = sorsa.adapter_state_dict(wrapped)  # every rank: FSDP2's shards gathered
+    torch.save(gathered, os.path.join(out, f"rank{rank}.pt"))
+    if rank == 0:  # rank 0 writes slowly: a rank that returned before the file is complete would not find it
+        real_replace = os.replace
+        os.replace = lambda *paths: (time.sleep(0.5), real_replace(*paths))[1]
     sorsa.save_adapter(wrapped, os.path.join(out, "adapter.pt"))  # rank 0 writes
+    loaded = sorsa.load_checked(os.path.join(out, "adapter.pt"))[0] if rank == 1 else None  # at once
     sorsa.save_lora(wrapped, os.path.join(out, "lora"))
+    try:  # rank 0 cannot write here: every rank raises, none waits for it
+        sorsa.save_adapter(wrapped, os.path.join(out, "no such folder", "adapter.pt"))
+    except (OSError, RuntimeError) as err:
+        failure = f"{type(err).__name__}: {err}"
+    if rank == 1:
+        with open(os.path.join(out, "rank1_loaded.json"), "w") as f:
+            json.dump({"adapter": all(torch.equal(loaded[k], gathered[k]) for k in gathered),
+                       "lora_files": len(os.listdir(os.path.join(out, "lora"))), "failure": failure}, f)
     report["merged_names"] = sorsa.merge_sorsa(wrapped)  # in place, through the wrapper (FSDP2: gathered)
     with torch.no_grad():
         report["merged_output"] = wrapped(x).float().tolist()
@@ -252,7 +299,8 @@ def worker(engine, dtype, out):
     if rank == 0:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    import train_tiny
+    train_tiny.end_distributed()  # not a plain destroy_process_group: its docstring says why
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import math
 import os
 import pathlib
 import re
+import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -321,6 +323,88 @@ def test_every_factor_entry_of_a_narrow_model_learns_at_the_papers_learning_rate
         assert moved == 1.0 if key.endswith("S_p") else moved >= 0.99, (key, moved)
 
 
+class reduced_float32_matmuls:
+    """The caller's setting in the README's FP32 recipe: float32 matmuls may use TF32 (CUDA) or
+    bf16 passes (the CPU's oneDNN, where the CPU has them), i.e. precision 'medium'; undone after."""
+
+    def __enter__(self):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("medium")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("niter", [None, 2])
+def test_split_regularizer_and_merge_are_full_float32_when_the_caller_allows_tf32(device, niter):
+    """With reduced-precision float32 matmuls allowed globally, svd_split, the regularizer and the
+    merge give bit for bit what they give at full precision, and leave the caller's setting as it was.
+    (On this project's AVX512-BF16 CPU, float32 products of 256 rows and more change under 'medium':
+    the sketch's and the Gram's here; an in-place addmm_ does not, so the residual and the merge
+    are checked here only on CUDA.)"""
+    W = rand(320, 288, seed=0, dtype=torch.float32, device=device)
+
+    def computed():
+        U_p, S_p, Vt_p, W_r = svd_split(W, 32, niter)
+        layer = SORSALinear(U_p, S_p, Vt_p, W_r)
+        with torch.no_grad():  # just off orthonormality: the value and gradient show every rounding
+            layer.U_p.add_(1e-4 * rand(320, 32, seed=1, dtype=torch.float32, device=device))
+        reg = orthonormal_regularizer([layer])
+        reg.backward()
+        return [U_p, S_p, Vt_p, W_r, reg.detach(), layer.U_p.grad, layer.merge().weight]
+
+    full = computed()
+    with reduced_float32_matmuls():
+        reduced = computed()
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    for a, b in zip(full, reduced):
+        assert torch.equal(a, b)
+
+
+@CUDA
+@pytest.mark.parametrize("niter", [None, 4])
+def test_a_4096_layer_under_tf32_starts_orthonormal_and_exact_to_float32(niter):
+    """The README's FP32 + TF32 recipe on a 4096 x 4096 layer at r = 128: U_p, V_p orthonormal
+    below 1e-5 (TF32 products gave 6e-4), W_r + W_p = W_0 to float32 (TF32: 9.7e-5 of ||W_0||),
+    and the regularizer and the merge as exact. The checks themselves run in float64."""
+    W = torch.randn(4096, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) / 64
+    with reduced_float32_matmuls():
+        U_p, S_p, Vt_p, W_r = svd_split(W, 128, niter)
+        layer = SORSALinear(U_p, S_p, Vt_p, W_r)
+        reg = orthonormal_regularizer([layer]).item()
+        merged = layer.merge().weight
+    eye = torch.eye(128, dtype=torch.float64, device="cuda")
+    U, Vt, W64 = U_p.double(), Vt_p.double(), W.double()
+    assert torch.linalg.matrix_norm(U.T @ U - eye) < 1e-5 and torch.linalg.matrix_norm(Vt @ Vt.T - eye) < 1e-5
+    norm = torch.linalg.matrix_norm(W64).item()
+    assert torch.linalg.matrix_norm(W_r.double() + (U * S_p.double()) @ Vt - W64) < 1e-6 * norm
+    assert reg < 1e-5 and torch.linalg.matrix_norm(merged.double() - W64) < 1e-6 * norm
+
+
+@given(split_cases(dtypes=[torch.float32, torch.float64]), st.sampled_from([None, 0, 2]))
+def test_split_factors_are_orthonormal_to_their_own_rounding(case, niter):
+    """U_p and V_p are orthonormal to the rounding of their dtype, not to the SVD's backward error
+    (1.4e-5 for a float32 SVD at 4096 x 128; see also the regression test below). The bound: each
+    entry rounded once, ||E||_F <= eps sqrt(r), times 2; plus a float64 QR's own error."""
+    m, n, r, dtype, seed = case
+    U_p, _, Vt_p, _ = svd_split(make_linear(m, n, dtype, seed).weight, r, niter)
+    eye = torch.eye(r, dtype=torch.float64)
+    bound = 2 * eps(dtype) * math.sqrt(r) + 64 * max(m, n) * eps(torch.float64)
+    for F in (U_p.double(), Vt_p.double().T):
+        assert torch.linalg.matrix_norm(F.T @ F - eye) <= bound
+
+
+def test_a_float32_split_is_orthonormal_beyond_the_svds_own_accuracy():
+    """Regression, 1024 x 512 at r = 64: LAPACK's float32 SVD alone leaves ||U^T U - I||_F = 6.6e-6;
+    the split's factors are within 2 eps sqrt(r) = 1.9e-6 (measured 8e-8)."""
+    U_p, _, Vt_p, _ = svd_split(rand(1024, 512, seed=0, dtype=torch.float32), 64)
+    eye = torch.eye(64, dtype=torch.float64)
+    for F in (U_p.double(), Vt_p.double().T):
+        assert torch.linalg.matrix_norm(F.T @ F - eye) <= 2 * eps(torch.float32) * 8
+
+
 @given(split_cases(dtypes=[torch.float32]))
 def test_only_the_factors_train_and_there_are_r_m_plus_n_plus_1_of_them(case):
     m, n, r, _, seed = case
@@ -407,19 +491,98 @@ def mixed_layers(draw):
     return layers
 
 
-@given(mixed_layers(), st.booleans())
-def test_grouped_regularizer_has_the_value_and_gradient_of_eq4_layer_by_layer(layers, squared):
-    """Computed once per factor shape, it must equal Eq. 4 summed layer by layer (numpy and float64 autograd)."""
-    value = orthonormal_regularizer(nn.ModuleList(layers), squared=squared)
+@given(mixed_layers(), st.booleans(), st.sampled_from(["mean", "sum"]))
+def test_grouped_regularizer_has_the_value_and_gradient_of_eq4_layer_by_layer(layers, squared, reduction):
+    """Computed once per factor shape, it must equal Eq. 4 summed layer by layer (numpy and float64
+    autograd), divided by the number of factor matrices (2 per layer) for the mean."""
+    value = orthonormal_regularizer(nn.ModuleList(layers), squared=squared, reduction=reduction)
     assert value.dtype == (torch.float64 if any(l.U_p.dtype == torch.float64 for l in layers) else torch.float32)
     factors = [p for layer in layers for p in (layer.U_p, layer.Vt_p)]
     grads = torch.autograd.grad(value, factors)
-    expected = bench.eq4_layer_by_layer(layers, squared)
+    per = 2 * len(layers) if reduction == "mean" else 1
+    expected = bench.eq4_layer_by_layer(layers, squared) / per
     oracle_grads = torch.autograd.grad(expected, factors)
     rel = 64 * max(eps(f.dtype) for f in factors) * 16
-    assert math.isclose(value.item(), sum(eq4_numpy(l.U_p, l.Vt_p, squared) for l in layers), rel_tol=rel, abs_tol=1e-12)
+    numpy_value = sum(eq4_numpy(l.U_p, l.Vt_p, squared) for l in layers) / per
+    assert math.isclose(value.item(), numpy_value, rel_tol=rel, abs_tol=1e-12)
     for g, o in zip(grads, oracle_grads):
         assert torch.allclose(g.double(), o.double(), rtol=rel, atol=rel * (1 + o.abs().max().item()))
+
+
+@given(mixed_layers())
+def test_the_mean_is_the_sum_over_2_x_layers_with_the_same_gradient_direction(layers):
+    """reduction='mean' (the authors' code, whose scale the paper's gamma was tuned on) and 'sum'
+    (Eq. 5 as written) differ by the factor 2 L for L layers, in value and in every gradient."""
+    model = nn.ModuleList(layers)
+    factors = [p for layer in layers for p in (layer.U_p, layer.Vt_p)]
+    mean, total = (orthonormal_regularizer(model, reduction=r) for r in ("mean", "sum"))
+    g_mean, g_sum = (torch.autograd.grad(v, factors) for v in (mean, total))
+    L = len(layers)
+    tol = 16 * max(eps(f.dtype) for f in factors)
+    assert math.isclose(total.item(), 2 * L * mean.item(), rel_tol=tol)
+    for a, b in zip(g_mean, g_sum):
+        assert torch.allclose(2 * L * a, b, rtol=tol, atol=tol * (1 + b.abs().max().item()))
+
+
+def test_sorsa_loss_weighs_the_regularizer_by_gamma_over_lr_max_on_the_chosen_scale():
+    """gamma = 4e-4 at lr_max = 3e-5 puts 13.3 x the mean over factor matrices (the paper's
+    unsquared form) on the task loss by default, 13.3 x the sum with reduction='sum'; an unknown
+    reduction is refused."""
+    base, model, _ = trained_pair(3, rank=2)
+    zero = torch.zeros((), dtype=torch.float64)
+    reg = {r: orthonormal_regularizer(model, squared=False, reduction=r) for r in ("mean", "sum")}
+    assert reg["sum"] > 0
+    assert torch.equal(orthonormal_regularizer(model), reg["mean"])  # the defaults: the paper's form, the mean
+    assert torch.equal(sorsa_loss(zero, model, 4e-4, 3e-5), (4e-4 / 3e-5) * reg["mean"])
+    assert torch.equal(sorsa_loss(zero, model, 4e-4, 3e-5, reduction="sum"), (4e-4 / 3e-5) * reg["sum"])
+    for call in (lambda: sorsa_loss(zero, model, 4e-4, 3e-5, reduction="avg"),
+                 lambda: orthonormal_regularizer(model, reduction=None)):
+        with pytest.raises(ValueError, match="reduction must be 'mean'"):
+            call()
+
+
+@given(split_cases(dtypes=[torch.float64]), st.floats(0.05, 2.0), st.sampled_from(["mean", "sum"]))
+def test_authors_order_clips_the_task_gradient_alone_and_adds_the_regularizers_unclipped(case, max_norm, reduction):
+    """One SGD step, float64. sorsa_loss then clipping: both gradients scaled by one factor c.
+    The authors' trainer: clip the task gradient, then add_regularizer_grad adds (gamma / lr) grad
+    L_reg unclipped. Each matches its formula, and they differ whenever the clip is active."""
+    m, n, r, _, seed = case
+    layer = SORSALinear.from_linear(make_linear(m, n, torch.float64, seed), r)
+    with torch.no_grad():  # off orthonormality, so that the regularizer has a gradient
+        layer.U_p.add_(0.3 * rand(m, r, seed=seed + 3))
+        layer.Vt_p.add_(0.3 * rand(r, n, seed=seed + 4))
+    x, target = rand(6, n, seed=seed + 1), 5 * rand(6, m, seed=seed + 2)
+    lr, gamma = 0.1, 0.02
+    params = [layer.U_p, layer.S_p, layer.Vt_p]
+    g_task = torch.autograd.grad(((layer(x) - target) ** 2).mean(), params)
+    g_reg = torch.autograd.grad((gamma / lr) * orthonormal_regularizer([layer], reduction=reduction), params,
+                                materialize_grads=True)  # S_p: 0
+
+    def clip_factor(grads):
+        return min(1.0, max_norm / (torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item() + 1e-6))
+
+    def step(authors):
+        twin = copy.deepcopy(layer)
+        twin_params = [twin.U_p, twin.S_p, twin.Vt_p]
+        opt = torch.optim.SGD(twin_params, lr=lr)
+        task = ((twin(x) - target) ** 2).mean()
+        (task if authors else sorsa_loss(task, [twin], gamma, lr, reduction=reduction)).backward()
+        torch.nn.utils.clip_grad_norm_(twin_params, max_norm)
+        if authors:
+            reg = sorsa.add_regularizer_grad([twin], gamma, lr, reduction=reduction)
+            assert torch.equal(reg, orthonormal_regularizer([layer], reduction=reduction).detach())
+        opt.step()
+        return twin_params
+
+    c_both = clip_factor([a + b for a, b in zip(g_task, g_reg)])
+    c_task = clip_factor(g_task)
+    for got, p, gt, gr in zip(step(authors=False), params, g_task, g_reg):
+        assert torch.allclose(got, p - lr * c_both * (gt + gr), rtol=1e-10, atol=1e-12)
+    authors = step(authors=True)
+    for got, p, gt, gr in zip(authors, params, g_task, g_reg):
+        assert torch.allclose(got, p - lr * (c_task * gt + gr), rtol=1e-10, atol=1e-12)
+    if c_task < 0.99:  # the clip bites: the two orders take different steps
+        assert not torch.allclose(authors[0], step(authors=False)[0], rtol=1e-6, atol=0)
 
 
 def test_regularizer_is_computed_in_float32_under_bf16_autocast():
@@ -438,7 +601,7 @@ def test_regularizer_of_bf16_factors_is_computed_in_float32(device):
     """A caller may store bf16 factors (factor_dtype); their Grams must still be formed in float32."""
     layer = SORSALinear.from_linear(make_linear(256, 128, torch.bfloat16, 0, device=device), 64,
                                     factor_dtype=torch.bfloat16)
-    value = orthonormal_regularizer([layer])
+    value = orthonormal_regularizer([layer], reduction="sum")
     U, Vt = layer.U_p.float(), layer.Vt_p.float()
     eye = torch.eye(64, device=device)
     in_float32 = torch.linalg.matrix_norm(U.T @ U - eye) + torch.linalg.matrix_norm(Vt @ Vt.T - eye)
@@ -482,7 +645,7 @@ def test_eq6_step_equals_eq5_with_gamma_t_following_the_schedule(case, lrs, gamm
         for group in opt.param_groups:
             group["lr"] = eta_t
         opt.zero_grad()
-        sorsa_loss(((layer(x) - target) ** 2).mean(), [layer], gamma, eta_d).backward()
+        sorsa_loss(((layer(x) - target) ** 2).mean(), [layer], gamma, eta_d, reduction="sum").backward()
         opt.step()
         # Eq. 5 by hand: two separate gradients, two separate rates.
         g_train = torch.autograd.grad(((twin(x) - target) ** 2).mean(), factors)
@@ -614,6 +777,26 @@ def test_a_save_that_fails_half_way_leaves_the_old_files_byte_identical_and_no_t
     assert all((tmp_path / name).read_bytes() == content for name, content in old.items())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_atomic_write_gives_its_file_the_mode_a_plain_open_would(tmp_path, umask):
+    """Under umask 022 an adapter must be readable by others (a serving container): -rw-r--r--, as
+    open() gives, not the -rw------- of a private temporary file; under 077 it stays private."""
+    _, model, _ = trained_pair(2)
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "wb"):
+            pass
+        save_adapter(model, tmp_path / "adapter.pt")
+        save_lora(model, tmp_path / "lora")
+        sorsa.save_checked({"w": torch.ones(2)}, tmp_path / "cache.pt")  # train_tiny's cached base models
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == expected
+    for path in ("adapter.pt", "lora/adapter_model.bin", "lora/adapter_config.json", "cache.pt"):
+        assert stat.S_IMODE(os.stat(tmp_path / path).st_mode) == expected, path
+
+
 def damaged_files(path, tmp_path):
     """Truncated, byte-flipped and foreign versions of a good adapter file."""
     data = path.read_bytes()
@@ -707,8 +890,10 @@ def apply_peft_directory_by_hand(base, directory):
         A = weights[f"base_model.model.{name}.lora_A.weight"]
         B = weights[f"base_model.model.{name}.lora_B.weight"]
         assert A.shape[0] == B.shape[1] == r
+        layer = model.get_submodule(name)
+        delta = B @ A if type(layer) is not Conv1D else (B @ A).T  # PEFT transposes for a Conv1D base
         with torch.no_grad():
-            model.get_submodule(name).weight.add_(scaling * (B @ A).to(base.get_submodule(name).weight.dtype))
+            layer.weight.add_(scaling * delta.to(layer.weight.dtype))
     return model
 
 
@@ -737,6 +922,256 @@ def test_peft_loads_the_export_and_reproduces_the_fine_tuned_model(tmp_path):
         y, y_peft = model(x), loaded(x)
         assert torch.allclose(y_peft, y, atol=1e-5)
         assert torch.allclose(loaded.merge_and_unload()(x), y, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the models people fine-tune
+
+
+class Conv1D(nn.Module):
+    """A stand-in with the semantics of transformers' Conv1D (GPT-2's projections), as transformers
+    writes it: Conv1D(nf, nx), weight (nx, nf) = (in, out), y = x W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.3)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class GPT2Like(nn.Module):
+    """GPT-2's layout in miniature: Conv1D projections, an output head tied to the embedding."""
+
+    def __init__(self, d=12, vocab=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.c_attn, self.c_proj, self.c_fc, self.mlp_proj = Conv1D(3 * d, d), Conv1D(d, d), Conv1D(4 * d, d), Conv1D(d, 4 * d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        x = x + self.c_proj(torch.tanh(q * k) * v)
+        return self.lm_head(x + self.mlp_proj(torch.relu(self.c_fc(x))))
+
+
+def gpt2_like(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return GPT2Like().to(dtype)
+
+
+@given(split_cases(dtypes=[torch.float64, torch.float32]))
+def test_a_conv1d_layer_is_split_as_its_transpose_and_merges_back_to_its_type_and_layout(case):
+    """weight (in, out) is W_0^T: the SORSA layer equals it at init, trains, and merges into a
+    Conv1D whose state dict has the original keys, shapes and the trained layer's outputs."""
+    m, n, r, dtype, seed = case
+    torch.manual_seed(seed)
+    conv = Conv1D(m, n).to(dtype)
+    layer = SORSALinear.from_linear(conv, r)
+    assert layer.weight.shape == conv.weight.shape == (n, m)  # .weight in the replaced layer's layout
+    x = rand(5, n, seed=seed, dtype=dtype)
+    with torch.no_grad():
+        assert torch.allclose(layer(x).double(), conv(x).double(), atol=1e-4 if dtype == torch.float32 else 1e-10)
+        layer.U_p.mul_(1.5)  # "trained"
+        merged = layer.merge()
+        assert type(merged) is Conv1D and not any(p.requires_grad for p in merged.parameters())
+        assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+        assert torch.allclose(merged(x).double(), layer(x).double(), atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_gpt2_style_model_adapts_by_default_trains_saves_loads_and_merges_to_its_own_state_dict(tmp_path):
+    """all-linear on a GPT-2-like model: every Conv1D adapted, the tied head skipped and named. The
+    trained model's adapter loads onto a fresh base, its PEFT export applies (fan_in_fan_out), and
+    the merged model's state dict loads into the original architecture (save/from_pretrained)."""
+    base = gpt2_like()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"lm_head \(the output head\)"):
+        names = apply_sorsa(model, 3)
+    assert names == ["c_attn", "c_proj", "c_fc", "mlp_proj"]
+    idx = torch.arange(16).view(2, 8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+    for _ in range(5):
+        loss = sorsa_loss(nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()), model, 1e-3, 1e-2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        y = model(idx)
+        assert not torch.allclose(y, base(idx), atol=1e-3)  # it trained
+        save_adapter(model, tmp_path / "a.pt")
+        fresh = copy.deepcopy(base)
+        load_adapter(fresh, tmp_path / "a.pt")
+        assert torch.equal(fresh(idx), y)
+        merge_sorsa(fresh)  # loaded layers also know what they replaced
+        assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+        save_lora(model, tmp_path / "lora")
+        assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        assert torch.allclose(apply_peft_directory_by_hand(base, tmp_path / "lora")(idx), y, atol=1e-10)
+        merge_sorsa(model)
+        state = model.state_dict()
+        assert state.keys() == base.state_dict().keys()
+        reloaded = gpt2_like(seed=1)  # another random model of the architecture, then the merged weights
+        reloaded.load_state_dict(state)
+        assert torch.allclose(reloaded(idx), y, atol=1e-10)
+
+
+def test_peft_loads_the_export_of_a_gpt2_model_and_reproduces_it(tmp_path):
+    """The real thing, where transformers and peft are installed: GPT-2 from a small random config."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: GPT-2 is skipped")
+    peft = pytest.importorskip("peft", reason="peft is not installed: the load through PEFT is skipped")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="lm_head"):
+        apply_sorsa(model, 4)
+    idx = torch.arange(16).view(2, 8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+    for _ in range(5):
+        loss = model(idx, labels=idx).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_lora(model, tmp_path / "lora")
+    with torch.no_grad():
+        y = model(idx).logits
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
+        assert torch.allclose(loaded(idx).logits, y, atol=1e-4)
+        merge_sorsa(model)
+        model.save_pretrained(tmp_path / "merged")
+        again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+        assert torch.allclose(again(idx).logits, y, atol=1e-4)
+
+
+class T5DenseActDense(nn.Module):
+    """T5's feed-forward as transformers writes it: it reads wo.weight.dtype on every call."""
+
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, h):
+        h = torch.relu(self.wi(h))
+        if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_of_a_sorsa_layer_is_the_frozen_residual_which_nothing_mistakes_for_the_effective_weight(dtype):
+    """T5's pattern runs: .weight answers with W_r, in the base weight's dtype, device and shape (not
+    the float32 factors'). After training it differs from the effective weight, and the merge, the
+    metrics and the exports use the effective one."""
+    torch.manual_seed(0)
+    base = T5DenseActDense().to(dtype)
+    model = copy.deepcopy(base)
+    apply_sorsa(model, 4)
+    wo = model.wo
+    assert wo.weight is wo.W_r and (wo.weight.dtype, wo.weight.shape, wo.weight.device) == \
+        (base.wo.weight.dtype, base.wo.weight.shape, base.wo.weight.device)
+    x = rand(3, 16, seed=1, dtype=dtype)
+    train_steps(model, x, steps=3, lr=1e-2)
+    effective = wo.merge().weight
+    assert not torch.allclose(wo.weight.float(), effective.float(), atol=1e-3)
+    with torch.no_grad():
+        y = model(x)
+        lora = lora_state_dict(model)
+        assert torch.allclose((base.wo.weight.double() + lora["wo.lora_B.weight"].double() @ lora["wo.lora_A.weight"].double()),
+                              effective.double(), atol=100 * eps(dtype) * effective.double().abs().max().item())
+        merge_sorsa(model)
+        assert close_outputs(model(x), y, dtype)
+
+
+def test_default_targets_skip_the_output_head_tied_weights_and_linear_subclasses_and_name_them():
+    """target_modules=None (or "all-linear") means every linear layer a default can adapt, as PEFT's
+    all-linear: a head found by get_output_embeddings() or named lm_head, a tied weight, and
+    nn.MultiheadAttention's out_proj (a subclass whose weight MHA reads directly) are skipped."""
+    class HFLike(nn.Module):  # a head under another name, found as Hugging Face models expose it
+        def __init__(self):
+            super().__init__()
+            self.attn, self.up, self.embed_out = nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 5)
+
+        def get_output_embeddings(self):
+            return self.embed_out
+
+    for targets in (None, "all-linear"):
+        model = HFLike()
+        with pytest.warns(UserWarning) as record:
+            assert apply_sorsa(model, 2, targets) == ["up"]
+        message = str(record[0].message)
+        assert "embed_out (the output head)" in message and "attn.out_proj (NonDynamicallyQuantizableLinear" in message
+        assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    tied = tied_model()
+    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D-style layer to adapt; skipped: 1 \(tied to 0.weight\)"):
+        apply_sorsa(tied, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip: nothing to say
+        apply_sorsa(toy_model(), 2)
+
+
+def test_a_model_partly_on_the_meta_device_is_refused_before_anything_changes_naming_the_layers():
+    model = toy_model()
+    for layer in (model[1].up, model[1].down):  # what accelerate's disk offload leaves behind
+        layer.to_empty(device="meta")
+    types, weights = [type(m) for m in model.modules()], [p for p in model.parameters()]
+    with pytest.raises(ValueError, match="2 of the 10 layers to adapt have their weights on the meta device.*1.up, 1.down") as info:
+        apply_sorsa(model, 2)
+    assert "load the model fully first" in str(info.value)
+    assert [type(m) for m in model.modules()] == types and all(a is b for a, b in zip(model.parameters(), weights))
+    whole = toy_model().to_empty(device="meta")  # wholly on meta: the shapes, as for parameter counts
+    apply_sorsa(whole, 2)
+    assert all(p.is_meta for p in whole.parameters()) and len(sorsa.sorsa_modules(whole)) == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resuming_from_adapter_optimizer_and_scheduler_is_bit_identical_to_not_stopping(tmp_path, dtype):
+    """k AdamW steps, save the adapter, the optimizer's and the scheduler's state; load the adapter
+    onto a fresh copy of the base, restore both, n more steps: exactly k + n uninterrupted steps
+    (float32 factors, on a float32 and on a bf16 base). README, "Resuming a fine-tune"."""
+    base = toy_model(3, dtype=dtype)
+    batches = [rand(4, 12, seed=s, dtype=dtype) for s in range(7)]
+
+    def start(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0)
+        return opt, sorsa.cosine_schedule(opt, len(batches))
+
+    def step(model, opt, schedule, x):
+        loss = sorsa_loss((model(x) - torch.sin(3 * x)).float().square().mean(), model, 4e-4, 1e-2)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        schedule.step()
+
+    straight = copy.deepcopy(base)
+    apply_sorsa(straight, 3)
+    opt, schedule = start(straight)
+    for x in batches:
+        step(straight, opt, schedule, x)
+    first = copy.deepcopy(base)
+    apply_sorsa(first, 3)
+    opt, schedule = start(first)
+    for x in batches[:3]:
+        step(first, opt, schedule, x)
+    save_adapter(first, tmp_path / "adapter.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": schedule.state_dict()}, tmp_path / "state.pt")
+    resumed = copy.deepcopy(base)
+    load_adapter(resumed, tmp_path / "adapter.pt")
+    opt, schedule = start(resumed)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["scheduler"])
+    for x in batches[3:]:
+        step(resumed, opt, schedule, x)
+    a, b = adapter_state_dict(straight), adapter_state_dict(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["0.up.U_p"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(resumed(batches[0]), straight(batches[0]))
 
 
 # ----------------------------------------------------------------------------- wrapped models
@@ -897,7 +1332,7 @@ def adapted_model():
     (adapted_model, lambda m: apply_sorsa(m, 2), ValueError, "already has SORSA"),
     (nan_model, lambda m: apply_sorsa(m, 2), ValueError, "NaN or Inf"),
     (int_model, lambda m: apply_sorsa(m, 2), TypeError, "torch.int64"),
-    (tied_model, lambda m: apply_sorsa(m, 2), ValueError, "tied to 0.weight"),
+    (tied_model, lambda m: apply_sorsa(m, 2, ["1"]), ValueError, "1.weight is tied to 0.weight"),
     (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, not"),
     (toy_model, lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
     (toy_model, lambda m: load_adapter(nn.DataParallel(m), {}), TypeError, "call load_adapter on the plain model first"),

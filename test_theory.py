@@ -137,16 +137,16 @@ def test_theorem_5_5_mechanism_the_regularizer_keeps_U_p_and_V_p_orthonormal():
     kappa(U_p), kappa(V_p) stay closer to 1 than without. Two short tasks here."""
     task = condition_number.Task(m=32, n=24, r=4, steps=60)
     for seed in range(2):
-        unreg, reg = condition_number.run(task, seed, 0.0), condition_number.run(task, seed, 0.1 * task.lr)
+        unreg, reg = condition_number.run(task, seed, 0.0), condition_number.run(task, seed, 0.2 * task.lr)
         assert reg[1.0]["kappa_U"] < unreg[1.0]["kappa_U"] and reg[1.0]["kappa_V"] < unreg[1.0]["kappa_V"]
 
 
 @pytest.mark.parametrize("spectrum, holds", [("exp0.01", True), ("power1", False)])
 def test_theorem_5_5_eq14_at_the_end_of_a_cosine_run_depends_on_the_spectrum(spectrum, holds):
     """Kept examples of each side (python -m theory.eq14: Eq. 14 held in 20/20 tasks of the flat
-    exp(-0.01 i) spectrum and 0/20 of the power law (1 + i)^-1, at gamma/lr = 0.1): task 0 of each,
+    exp(-0.01 i) spectrum and 0/20 of the power law (1 + i)^-1, at gamma/lr = 0.2 on the mean): task 0 of each,
     with theory/'s recipe (AdamW, cosine schedule, clipping, Eq. 6, S_p trained)."""
-    ((ratio, kappa_0, kappa_unreg),) = eq14.eq14_at_end(condition_number.Task(spectrum=spectrum), [0], 0.1)
+    ((ratio, kappa_0, kappa_unreg),) = eq14.eq14_at_end(condition_number.Task(spectrum=spectrum), [0], 0.2)
     assert (ratio < 1) == holds
     if not holds:  # the mechanism: without the regularizer the drift of U_p, V_p narrowed W_p's spectrum
         assert kappa_unreg < kappa_0

@@ -1,10 +1,13 @@
 """train_tiny.py at tiny sizes, in-process: the demo's path, the learning-rate sweep's
 bookkeeping, the cached base model's faults and the bad-input handling."""
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import random
+import statistics
 
 import pytest
 import torch
@@ -58,8 +61,8 @@ def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
 
 def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path, capsys):
     cfg = tiny_config(tmp_path, pretrain_steps=20)
-    first, path = train_tiny.base_model(cfg, CPU, lambda *a: None)
-    again, same_path = train_tiny.base_model(cfg, CPU, lambda *a: None)
+    first, path = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
+    again, same_path = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
     assert same_path == path and "cached" in capsys.readouterr().out
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a.cpu(), b)
@@ -73,34 +76,111 @@ def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path
         else:
             with open(path, "wb") as f:
                 f.write(damage)
-        rebuilt, _ = train_tiny.base_model(cfg, CPU, lambda *a: None)
+        rebuilt, _ = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
         assert "unusable" in capsys.readouterr().out
         for a, b in zip(first.state_dict().values(), rebuilt.state_dict().values()):
             assert torch.equal(a.cpu(), b.cpu())  # pretraining is deterministic
         assert open(path, "rb").read() != damage and sorsa.load_checked(path)[1]["key"] != "another configuration"
 
 
+def test_base_seeds_pretrain_different_base_models_cached_apart(tmp_path):
+    cfg = tiny_config(tmp_path, pretrain_steps=20)
+    (a, path_a), (b, path_b) = (train_tiny.base_model(cfg, seed, CPU, lambda *a: None) for seed in (0, 1))
+    assert path_a != path_b and not torch.equal(a.wte.weight, b.wte.weight)
+    again, path = train_tiny.base_model(cfg, 1, CPU, lambda *a: None)  # from the cache
+    assert path == path_b and all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), again.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- forgetting
+
+
+def test_an_unchanged_model_forgets_nothing_and_measuring_changes_no_model(tmp_path):
+    """Forgetting is measured against the base model's own numbers: a copy of it gives exactly 0;
+    the measurement trains nothing and leaves every tensor and the train/eval mode as they were;
+    a model whose weights moved shows it."""
+    cfg = tiny_config(tmp_path, pretrain_steps=40)
+    base, _ = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
+    heldout = train_tiny.heldout_text(cfg, 32)
+    data = train_tiny.Evaluation([], [], heldout, train_tiny.pretraining_skills(base, heldout, CPU))
+    for training in (True, False):
+        model = copy.deepcopy(base).train(training)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert train_tiny.forgetting(model, data, CPU) == (0.0, 0.0)
+        assert model.training == training and all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.blocks[0].up_proj.weight.mul_(3)
+    assert train_tiny.forgetting(model, data, CPU)[0] != 0
+
+
+def test_held_out_pretraining_text_is_disjoint_from_what_pretraining_drew():
+    """Windows of the pretraining distribution that pretraining never drew, for the default
+    settings and base seeds 0-2 (the README's): forgetting is measured on text never trained on."""
+    cfg = Config()
+    heldout = {tuple(row) for row in train_tiny.heldout_text(cfg).tolist()}
+    assert len(heldout) == 256
+    for base_seed in (0, 1, 2):
+        drawn = {tuple(row) for batch in train_tiny.pretraining_batches(cfg, base_seed) for row in batch.tolist()}
+        assert len(drawn) > 39000 and not heldout & drawn
+
+
+# ----------------------------------------------------------------------------- the paper's recipe
+
+
+def test_the_papers_recipe_is_the_default(tmp_path, monkeypatch):
+    """App. B and Table 3 fix AdamW with weight decay 0, a 3% warm-up then cosine, clipping at 1.0:
+    cosine_schedule warms up over 3% unless told otherwise, and train_tiny's runs use all of it."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = sorsa.cosine_schedule(opt, 100)  # 3 warm-up steps of 100
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, (1 + math.cos(math.pi / 97)) / 2])
+    adamw, clips = [], []
+    real_adamw, real_clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: adamw.append(kw) or real_adamw(params, **kw))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: clips.append(max_norm) or real_clip(params, max_norm, **kw))
+    cfg = tiny_config(tmp_path, pretrain_steps=5, steps=2, methods="sorsa,pissa", test_size=4, val_size=4)
+    train_tiny.run(cfg)
+    assert len(adamw) == 3 and all(kw["weight_decay"] == 0 for kw in adamw)  # pretraining, then each method
+    assert len(clips) == 5 + 2 * 2 and set(clips) == {1.0}  # every step of each
+
+
 # ----------------------------------------------------------------------------- the learning-rate sweep
 
 
-def fake_finetune(calls):
-    """A finetune that records what it was given and returns a result at once."""
+def fake_base(cfg, base_seed, rt, progress):
+    """prepare_base without pretraining: a name for the base model and an empty Evaluation."""
+    return f"base {base_seed}", "path", train_tiny.Evaluation([], [], None, (1.0, 1.0)), (1.0, 0.0)
+
+
+def fake_finetune(calls, score=None):
+    """A finetune that records what it was given and returns a result at once; its accuracy is
+    score(method, lr), by default a learning rate that "helps"."""
     def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
-        calls.append((method, lr, cfg.gamma(method, lr), seed))
-        score = {"sorsa": 0.5, "pissa": 0.4}.get(method, 0.1) + lr  # a learning rate that "helps"
-        return {"params": 1, "train_loss": 1.0, "eval_loss": 1.0 - score, "accuracy": score, "val_loss": 1.0 - score,
-                "val_accuracy": score, "delta_sigma": 0.0, "delta_d": 0.0, "ms_per_step": 1.0}, None
+        calls.append((method, lr, cfg.gamma(method, lr), seed, base))
+        acc = score(method, lr) if score else {"sorsa": 0.5, "pissa": 0.4}.get(method, 0.1) + lr
+        return {"params": 1, "train_loss": 1.0, "eval_loss": 1.0 - acc, "accuracy": acc, "val_loss": 1.0 - acc,
+                "val_accuracy": acc, "forget_loss": 0.1 + seed, "forget_arithmetic": -0.01,
+                "delta_sigma": 0.0, "delta_d": 0.0, "ms_per_step": 1.0}, None
     return finetune
+
+
+def fake_sweep(monkeypatch, calls, score=None):
+    monkeypatch.setattr(train_tiny, "prepare_base", fake_base)
+    monkeypatch.setattr(train_tiny, "finetune", fake_finetune(calls, score))
+    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 2.0)
 
 
 def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_resumes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_tiny, "finetune", fake_finetune(calls))
-    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 1.0)
-    cfg = tiny_config(tmp_path, pretrain_steps=5, methods="sorsa,sorsa_g0,pissa", lrs="1e-3,4e-3", seeds=2,
-                      gamma_ratio=0.25)
+    fake_sweep(monkeypatch, calls)
+    cfg = tiny_config(tmp_path, methods="sorsa,sorsa_g0,pissa", lrs="1e-3,4e-3", seeds=2, gamma_ratio=0.25)
     report = train_tiny.run(cfg)
-    assert sorted(calls) == sorted((m, lr, g, s) for m in ("sorsa", "sorsa_g0", "pissa") for lr in (1e-3, 4e-3)
+    assert sorted(calls) == sorted((m, lr, g, s, "base 0") for m in ("sorsa", "sorsa_g0", "pissa") for lr in (1e-3, 4e-3)
                                    for g in [0.25 * lr if m == "sorsa" else 0.0] for s in (0, 1))
     assert set(report["results"]["sorsa"]) == {1e-3, 4e-3}  # the listed lr, not 1.5x
     # Interrupted half-way: drop the last 4 finished runs and cut the last kept line short.
@@ -109,11 +189,60 @@ def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_res
     path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
     calls.clear()
     again = train_tiny.run(cfg)
-    assert calls == [(m, 4e-3, g, s) for m, g in (("sorsa_g0", 0.0), ("pissa", 0.0)) for s in (0, 1)]
+    assert calls == [(m, 4e-3, 0.0, s, "base 0") for m in ("sorsa_g0", "pissa") for s in (0, 1)]
     assert again["results"] == report["results"]
     calls.clear()
     train_tiny.run(Config(**{**cfg.__dict__, "rank": 2}))  # another experiment: nothing is reused
     assert len(calls) == 12
+
+
+def test_sweep_refines_by_sqrt_2_then_runs_new_seeds_at_the_chosen_rate_on_every_base(tmp_path, monkeypatch):
+    """Validation accuracy peaks at lr 5e-3: of the grid 1e-3, 4e-3, 1.6e-2 the best is 4e-3, its
+    sqrt 2 neighbours are added and 5.66e-3 wins; then seeds 2-4 (never used to choose) on bases 0 and 1."""
+    calls = []
+    fake_sweep(monkeypatch, calls, score=lambda method, lr: 1 - abs(math.log(lr / 5e-3)))
+    cfg = tiny_config(tmp_path, methods="sorsa,lora", lrs="1e-3,4e-3,1.6e-2", seeds=2, refine=True, final_seeds=3,
+                      base_seeds="0,1")
+    report = train_tiny.run(cfg)
+    up, down = 4e-3 * math.sqrt(2), 4e-3 / math.sqrt(2)
+    for method in ("sorsa", "lora"):
+        assert sorted(report["results"][method]) == sorted([1e-3, 4e-3, 1.6e-2, down, up])
+        assert {(lr, s, b) for m, lr, _, s, b in calls if m == method} == \
+            {(lr, s, "base 0") for lr in (1e-3, 4e-3, 1.6e-2, down, up) for s in (0, 1)} | \
+            {(up, s, b) for s in (2, 3, 4) for b in ("base 0", "base 1")}
+    assert set(report["final"]) == {0, 1} and set(report["final"][1]["lora"]) == {2, 3, 4}
+    table = train_tiny.sweep_table(report["results"], report["lambdas"])
+    assert f"| sorsa | **{up:.3g}** | 2 |" in table and "| sorsa | 0.004 | 2 |" in table
+    assert "| lora | 0.00566 | 2 | 1 |" in table  # lambda_max 2, so 2 / lambda_max = 1
+    calls.clear()
+    train_tiny.run(cfg)  # everything is in the log
+    assert calls == []
+
+
+def test_the_comparison_pairs_runs_by_seed_and_states_only_what_the_interval_decides():
+    """Seeds move both methods together (a shared data order): paired, SORSA's +0.1 on every seed is
+    established although the spread over seeds (0.3) hides it unpaired. Against LoRA the differences
+    seed by seed are 0.05, 0.4, 0.05, 0.05, 0.05: mean 0.12, interval [-7.4%, +31.4%] (t_4 = 2.776),
+    not established; pairing by rank instead of seed would give [+1.6%, +22.4%] and a verdict."""
+    def runs(values):
+        return {seed: {"accuracy": v, "forget_loss": v / 10, "forget_arithmetic": 0.0} for seed, v in enumerate(values)}
+    spread = [0.1, 0.5, 0.2, 0.8, 0.4]
+    sorsa_acc = [v + 0.1 for v in spread]
+    final = {0: {"sorsa": runs(sorsa_acc), "pissa": runs(spread),
+                 "lora": runs([v - d for v, d in zip(sorsa_acc, [0.05, 0.4, 0.05, 0.05, 0.05])])}}
+    table = train_tiny.comparison_tables(final)
+    assert "| base 0 | pissa | 5 | +10.0% [+10.0%, +10.0%], sorsa higher |" in table
+    assert "| base 0 | lora | 5 | +12.0% [-7.4%, +31.4%], not established |" in table
+    _, _, (low, high) = train_tiny.interval(sorsa_acc)
+    assert low < statistics.mean(spread) < high  # unpaired, the +0.1 is inside the interval
+
+
+def test_t_quantile_and_interval_match_the_tables():
+    for df, t in [(1, 12.706), (2, 4.303), (9, 2.262), (29, 2.045)]:
+        assert abs(train_tiny.t_975(df) - t) < 1e-3
+    mean, std, (low, high) = train_tiny.interval([1.0, 2.0, 3.0])
+    assert (mean, std) == (2.0, 1.0) and math.isclose(high - mean, 4.3027 / math.sqrt(3), rel_tol=1e-4)
+    assert train_tiny.verdict([0.1, 0.2, 0.15]) == "higher" and train_tiny.verdict([-0.1, 0.2]) == "not established"
 
 
 def test_run_key_changes_with_every_setting_that_changes_an_experiment_and_only_with_those():
@@ -121,7 +250,7 @@ def test_run_key_changes_with_every_setting_that_changes_an_experiment_and_only_
     step count would silently mix 100-step and 300-step results in one table."""
     cfg = Config()
     same = {"methods": "lora", "lrs": "1e-3", "seeds": 3, "out": "elsewhere", "device": "cpu",
-            "cache": "other"}
+            "cache": "other", "base_seeds": "1,2", "refine": True, "final_seeds": 10}  # each run logs its base
     assert train_tiny.run_key(Config(**{**cfg.__dict__, **same})) == train_tiny.run_key(cfg)
     changed = {"targets": "fc", "rank": 4, "steps": 7, "lr": 1e-2, "gamma_ratio": 0.5, "batch_size": 8,
                "test_size": 10, "val_size": 10, "pretrain_steps": 9, "pretrain_batch": 4, "pretrain_lr": 1e-4,
@@ -215,12 +344,10 @@ def test_an_unwritable_folder_exits_with_status_2_naming_its_flag(tmp_path, caps
     assert exit_info.value.code == 2 and "cannot write to" in err and f"pass a writable --{flag}" in err
 
 
-def test_sweep_log_lines_are_json_with_the_run_key(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_tiny, "finetune", fake_finetune([]))
-    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 2.0)
-    cfg = tiny_config(tmp_path, pretrain_steps=5, methods="lora", lrs="1e-3")
-    report = train_tiny.run(cfg)
+def test_sweep_log_lines_are_json_with_the_run_key_and_the_base(tmp_path, monkeypatch):
+    fake_sweep(monkeypatch, [])
+    cfg = tiny_config(tmp_path, methods="lora", lrs="1e-3", base_seeds="3")
+    train_tiny.run(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "sweep.jsonl")]
-    assert [(r["method"], r["lr"], r["seed"], r["key"]) for r in rows] == [("lora", 1e-3, 0, train_tiny.run_key(cfg))]
-    table = train_tiny.sweep_tables(report["results"], report["lambdas"])
-    assert "| lora | 0.001 |" in table and "| 2 | 1 |" in table  # lambda_max 2, so 2 / lambda_max = 1
+    assert [(r["method"], r["lr"], r["seed"], r["base_seed"], r["key"]) for r in rows] == \
+        [("lora", 1e-3, 0, 3, train_tiny.run_key(cfg))]

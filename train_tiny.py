@@ -12,10 +12,15 @@ decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on 
     python train_tiny.py --device cuda    # GPU
     python train_tiny.py --quick          # smoke run
     python train_tiny.py --lrs 1e-3,2e-3,4e-3,8e-3 --seeds 3    # each method at each learning rate
+    python train_tiny.py --lrs ... --refine --final_seeds 10 --base_seeds 0,1,2   # README's comparison
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
+
+Every run also measures forgetting: the rise of the loss on held-out pretraining text and the
+change of arithmetic accuracy, against the base model.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -102,6 +107,15 @@ def held_out(cfg):
             seen.add(problem[0])
             val.append(problem)
     return test, val
+
+
+@dataclass
+class Evaluation:
+    """What every fine-tuning run on one base model is measured on."""
+    test: list  # (prompt, answer) word problems, reported
+    val: list  # other word problems, on which a sweep picks each method's learning rate
+    heldout: torch.Tensor  # (B, T + 1) pretraining text never trained on: forgetting
+    base_skills: tuple  # the base model's (held-out loss, arithmetic accuracy)
 
 
 def training_batches(seed, cfg, exclude):
@@ -206,12 +220,16 @@ class Config:
     rank: int = 8
     steps: int = 300  # fine-tuning steps per method
     lr: float = 2e-3  # LoRA, PiSSA and full fine-tuning; SORSA gets 1.5x, as in the paper (3e-5 vs 2e-5)
-    # gamma / (SORSA's lr), tuned. The paper's ratio, 4e-4 / 3e-5 = 13.3, drowns this small
-    # task's gradients: see README and theory/README.md.
-    gamma_ratio: float = 0.1
+    # gamma / (SORSA's lr) on sorsa.py's default scale, the authors': L_reg is the mean over the 36
+    # factor matrices. Chosen on validation from 0.4, 1.2, 3.6 and the paper's 4e-4 / 3e-5 = 13.3,
+    # which drowns this task's gradients (README, "The paper's gamma").
+    gamma_ratio: float = 0.4
     lrs: str = ""  # a sweep: e.g. "1e-3,2e-3,4e-3"; every method (SORSA too) at each, gamma = gamma_ratio * lr
+    refine: bool = False  # a sweep: then also each method's best lr / sqrt 2 and * sqrt 2
+    final_seeds: int = 0  # a sweep: then each method at its chosen lr on this many new seeds, on every base
     batch_size: int = 32  # the global batch; under torchrun each rank takes its share
-    seeds: int = 1  # repeat every method with seeds 0 .. seeds-1; mean +- std
+    seeds: int = 1  # repeat every method with seeds 0 .. seeds-1 (in a sweep: to choose the lr); mean +- std
+    base_seeds: str = "0"  # pretraining seeds of the base models; the first is the demo's and chooses a sweep's lr
     test_size: int = 200  # held-out word problems, reported
     val_size: int = 200  # other held-out problems, on which a sweep picks each method's learning rate
     pretrain_steps: int = 2500
@@ -237,6 +255,9 @@ class Config:
 
     def sweep_lrs(self):
         return [float(v) for v in self.lrs.split(",")] if self.lrs else []
+
+    def base_seed_list(self):
+        return [int(v) for v in self.base_seeds.split(",")]
 
     def shrink_for_quick(self):
         """The --quick settings: a smaller model, a short pretraining and fine-tuning, fewer test problems."""
@@ -272,18 +293,30 @@ class Runtime:
 # ----------------------------------------------------------------------------- base model, cached
 
 
-def pretrain(cfg, rt, progress):
-    """Train TinyGPT on the generated corpus; returns the model and its final loss."""
-    torch.manual_seed(0)
+def pretrain_chunks(rng, cfg, n):
+    """n windows of block_size + 1 characters of the base corpus (B, T + 1), each cut at random
+    from a fresh 12-line document."""
+    T = cfg.model.block_size
+    text = [encode("\n".join(pretrain_line(rng) for _ in range(12))) for _ in range(n)]
+    starts = [rng.randrange(len(t) - T) for t in text]
+    return torch.tensor([t[s:s + T + 1] for t, s in zip(text, starts)])
+
+
+def pretraining_batches(cfg, base_seed):
+    """The batches (B, T + 1) pretraining draws for a base seed, one per step, in order."""
+    rng = random.Random(base_seed)
+    return (pretrain_chunks(rng, cfg, cfg.pretrain_batch) for _ in range(cfg.pretrain_steps))
+
+
+def pretrain(cfg, base_seed, rt, progress):
+    """Train TinyGPT on the generated corpus, its initialization and data drawn from base_seed;
+    returns the model and its final loss."""
+    torch.manual_seed(base_seed)
     model = TinyGPT(cfg.model).to(rt.device)
-    rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.pretrain_steps)
-    T = cfg.model.block_size
-    for step in range(cfg.pretrain_steps):
-        text = [encode("\n".join(pretrain_line(rng) for _ in range(12))) for _ in range(cfg.pretrain_batch)]
-        starts = [rng.randrange(len(t) - T) for t in text]
-        chunk = torch.tensor([t[s:s + T + 1] for t, s in zip(text, starts)], device=rt.device)  # (B, T + 1)
+    for step, chunk in enumerate(pretraining_batches(cfg, base_seed)):
+        chunk = chunk.to(rt.device)
         with rt.autocast():
             logits = model(chunk[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
@@ -296,21 +329,21 @@ def pretrain(cfg, rt, progress):
     return model, loss.item()
 
 
-def base_model(cfg, rt, progress):
-    """The pretrained base model from the cache, or pretrained now and cached atomically with a
-    checksum. Under torchrun rank 0 pretrains while the others wait, then all load one file."""
+def base_model(cfg, base_seed, rt, progress):
+    """The base model pretrained with base_seed, from the cache, or pretrained now and cached
+    atomically with a checksum. Under torchrun rank 0 pretrains while the others wait."""
     key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
-                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": rt.amp,
+                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": rt.amp, "base_seed": base_seed,
                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if rt.main or rt.world == 1:
         model = cached_base(cfg, key, path, rt)
         if model is None:
             start = time.time()
-            model, loss = pretrain(cfg, rt, progress)
+            model, loss = pretrain(cfg, base_seed, rt, progress)
             os.makedirs(cfg.cache, exist_ok=True)
             sorsa.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
-            rt.say(f"base model: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
+            rt.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
     if rt.world > 1:
         dist.barrier()  # rank 0 has written the cache
         if not rt.main:
@@ -458,17 +491,27 @@ def greedy(model, prompts, new_tokens, rt):
     return out
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode and no gradients inside; the model's own mode back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, problems, rt):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
     Under torchrun every rank evaluates the same problems (FSDP2 needs every rank's shards)."""
-    model.eval()
-    loss = answer_loss(model, problem_batch(problems, rt.device), rt).item()
-    # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
-    # number, as GSM-8K scores the number after "####".
-    answers = greedy(model, [p + " " for p, _ in problems], 8, rt)
+    with evaluating(model):
+        loss = answer_loss(model, problem_batch(problems, rt.device), rt).item()
+        # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
+        # number, as GSM-8K scores the number after "####".
+        answers = greedy(model, [p + " " for p, _ in problems], 8, rt)
     correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
-    model.train()
     return loss, correct / len(problems)
 
 
@@ -476,23 +519,48 @@ def arithmetic_accuracy(model, rt, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
     facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
-    model.eval()
-    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, rt)
-    model.train()
+    with evaluating(model):
+        got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, rt)
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 
+def heldout_text(cfg, n=256):
+    """n windows of the base corpus from a stream of their own (B, T + 1): text of the pretraining
+    distribution that pretraining never drew (test_train_tiny checks it for the default settings)."""
+    return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
+
+
+def pretraining_skills(model, heldout, rt):
+    """(loss on held-out pretraining text, arithmetic accuracy): what fine-tuning may make a model forget."""
+    with evaluating(model):
+        x = heldout.to(rt.device)
+        with rt.autocast():
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).item()
+    return loss, arithmetic_accuracy(model, rt)
+
+
+def forgetting(model, data, rt):
+    """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model,
+    as PEFT's method comparison reports forgetting; an unchanged model gives exactly (0, 0)."""
+    loss, arithmetic = pretraining_skills(model, data.heldout, rt)
+    return loss - data.base_skills[0], arithmetic - data.base_skills[1]
+
+
 def train_step(model, opt, params, problems, gamma, lr_max, rt, squared=False):
-    """One step of the paper's recipe on a global batch of problems: answer loss plus (gamma /
-    lr_max) L_reg (Eq. 6; nothing for gamma = 0), backward, clipping to norm 1.0, optimizer step.
-    Under torchrun each rank takes every world-th problem and divides its summed loss by the
-    global batch's token count times world, so that DDP's mean of the gradients is the
-    single-process gradient. Returns the global batch's answer loss."""
+    """One step of the paper's recipe on a global batch of problems, in the authors' order: the
+    answer loss's backward, its gradient clipped to norm 1.0, then (gamma / lr_max) grad L_reg
+    added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under torchrun each rank
+    takes every world-th problem and divides its summed loss by the global batch's token count
+    times world, so that DDP's mean of the gradients is the single-process gradient. Returns the
+    global batch's answer loss."""
     local = problems[rt.rank::rt.world]
     loss = answer_loss(model, problem_batch(local, rt.device), rt, answer_tokens(problems) / rt.world)
     opt.zero_grad()
-    sorsa.sorsa_loss(loss, model, gamma, lr_max, squared).backward()
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if gamma > 0:
+        sorsa.add_regularizer_grad(model, gamma, lr_max, squared)
     opt.step()
     loss = loss.detach()
     if rt.world > 1:
@@ -502,8 +570,9 @@ def train_step(model, opt, params, problems, gamma, lr_max, rt, squared=False):
 
 
 def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
-    """Fine-tune one method with one seed at learning rate lr; the reported numbers, and the model."""
-    test, val = data
+    """Fine-tune one method with one seed at learning rate lr on one base model (data: its
+    Evaluation); the reported numbers, and the model."""
+    test, val = data.test, data.val
     torch.manual_seed(seed)  # LoRA's initialization
     model = distribute(prepare(method, base, cfg), method, rt)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -520,15 +589,18 @@ def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
-        if step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
+        curve = not cfg.lrs and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0)  # a sweep: the end only
+        if curve or step + 1 == cfg.steps:
             eval_loss, acc = evaluate(model, test, rt)
             d_sigma, d_d = weight_change(model, base, names)
             log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
                  "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
     val_loss, val_acc = evaluate(model, val, rt)
+    forget_loss, forget_arithmetic = forgetting(model, data, rt)
     tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
     return {"params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
             "eval_loss": eval_loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
+            "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
             "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
 
 
@@ -540,9 +612,7 @@ def check_merge_and_adapter(model, base, test, cfg, rt, base_path):
     with torch.no_grad():
         logits = model(x).float()
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
-    sorsa.save_adapter(model, path)  # rank 0 writes
-    if rt.world > 1:
-        dist.barrier()
+    sorsa.save_adapter(model, path)  # rank 0 writes; every rank returns once the file is complete
     reloaded = copy.deepcopy(base)
     sorsa.load_adapter(reloaded, path)
     sorsa.merge_sorsa(model)  # the last use of the trained model
@@ -587,18 +657,46 @@ def hessian_lambda_max(method, base, problems, cfg, rt, iters=60):
 # ----------------------------------------------------------------------------- reporting
 
 
-def mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+def t_975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom (12.71 for 1, 2.26 for 9), by
+    bisection on its distribution function, the density integrated by Simpson's rule."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def mass(t, n=400):  # P(0 < T < t)
+        f = [c * (1 + (t * i / n) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return t / (3 * n) * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    lo, hi = 0.0, 64.0
+    for _ in range(50):
+        lo, hi = ((lo + hi) / 2, hi) if mass((lo + hi) / 2) < 0.475 else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def interval(values):
+    """(mean, standard deviation, the 95% confidence interval of the mean as (low, high)) over runs:
+    mean +- t_975(n - 1) std / sqrt(n). With one run the interval is unbounded."""
+    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    half = t_975(len(values) - 1) * std / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    return mean, std, (mean - half, mean + half)
+
+
+def verdict(differences):
+    """What a paired comparison's 95% interval establishes about the mean difference."""
+    _, _, (low, high) = interval(differences)
+    return "higher" if low > 0 else "lower" if high < 0 else "not established"
 
 
 COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
-           ("accuracy", "accuracy", "{:.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
+           ("accuracy", "accuracy", "{:.1%}"), ("val accuracy", "val_accuracy", "{:.1%}"),
+           ("Δ held-out loss", "forget_loss", "{:+.3f}"),
+           ("Δ arithmetic", "forget_arithmetic", "{:+.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
            ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
 
 
-def cell(runs, key, fmt):
-    m, s = mean_std([r[key] for r in runs])
-    return fmt.format(m) + (f" ± {fmt.format(s)}" if len(runs) > 1 else "")
+def cell(runs, key, fmt, ci=False):
+    """mean +- std over the runs, and with ci its 95% interval."""
+    mean, std, (low, high) = interval([r[key] for r in runs])
+    text = fmt.format(mean) + (f" ± {fmt.format(std).lstrip('+')}" if len(runs) > 1 else "")
+    return text + (f" [{fmt.format(low)}, {fmt.format(high)}]" if ci and len(runs) > 1 else "")
 
 
 def results_table(results):
@@ -618,24 +716,55 @@ def best_lr(by_lr):
     return max(by_lr, key=score)
 
 
-def sweep_tables(sweep, lambdas):
-    """Per method: test accuracy and eval loss against learning rate; then each method at the
-    learning rate its validation accuracy picked, beside lambda_max of its Hessian."""
-    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
-    for method, by_lr in sweep.items():
-        cells = [f"{cell(by_lr[lr], 'accuracy', '{:.1%}')}, {cell(by_lr[lr], 'eval_loss', '{:.3f}')}"
-                 if lr in by_lr else "" for lr in lrs]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | best lr (validation) | val accuracy | test accuracy | eval loss | lambda_max | 2 / lambda_max |",
-              "|---|---|---|---|---|---|---|"]
-    for method, by_lr in sweep.items():
-        lr = best_lr(by_lr)
-        lam = lambdas.get(method, float("nan"))
-        lines.append(f"| {method} | {lr:g} | {cell(by_lr[lr], 'val_accuracy', '{:.1%}')} | "
-                     f"{cell(by_lr[lr], 'accuracy', '{:.1%}')} | {cell(by_lr[lr], 'eval_loss', '{:.3f}')} | "
-                     f"{lam:.3g} | {2 / lam:.3g} |")
+def sweep_table(grid, lambdas):
+    """Every method at every learning rate on the seeds that choose it ({method: {lr: runs}}):
+    n, validation and test accuracy, eval loss and forgetting, mean +- std [95% interval]; the
+    chosen lr in bold, beside lambda_max of the task loss's Hessian at the start."""
+    lines = ["| method | lr | n | val accuracy | test accuracy [95% CI] | eval loss | Δ held-out loss | Δ arithmetic |",
+             "|---" * 8 + "|"]
+    for method, by_lr in grid.items():
+        chosen = best_lr(by_lr)
+        for lr in sorted(by_lr):
+            runs, mark = by_lr[lr], "**" if lr == chosen else ""
+            lines.append(f"| {method} | {mark}{lr:.3g}{mark} | {len(runs)} | {cell(runs, 'val_accuracy', '{:.1%}')} | "
+                         f"{cell(runs, 'accuracy', '{:.1%}', ci=True)} | {cell(runs, 'eval_loss', '{:.3f}')} | "
+                         f"{cell(runs, 'forget_loss', '{:+.3f}')} | {cell(runs, 'forget_arithmetic', '{:+.1%}')} |")
+    lines += ["", "| method | chosen lr | lambda_max | 2 / lambda_max |", "|---|---|---|---|"]
+    lines += [f"| {m} | {best_lr(by_lr):.3g} | {lambdas.get(m, math.nan):.3g} | {2 / lambdas.get(m, math.nan):.3g} |"
+              for m, by_lr in grid.items()]
     return "\n".join(lines)
+
+
+def comparison_tables(final, reference="sorsa"):
+    """The final comparison ({base: {method: {seed: result}}}, each method at its chosen lr on new
+    seeds): per base and pooled over bases, each method's test accuracy and forgetting [95% CI],
+    then reference minus each other method paired by (base, seed): the mean difference, its
+    interval, and what the interval establishes."""
+    groups = {**{f"base {b}": {b: by_method} for b, by_method in final.items()}, "pooled": final}
+    keys = [("test accuracy", "accuracy", "{:+.1%}"), ("Δ held-out loss", "forget_loss", "{:+.3f}"),
+            ("Δ arithmetic", "forget_arithmetic", "{:+.1%}")]
+    lines = ["| bases | method | n | " + " | ".join(f"{name} [95% CI]" for name, _, _ in keys) + " |", "|---" * 6 + "|"]
+    pairs = [f"| bases | {reference} minus | n pairs | " + " | ".join(f"{name}: mean difference [95% CI], verdict"
+                                                           for name, _, _ in keys) + " |", "|---" * 6 + "|"]
+    for label, bases in groups.items():
+        methods = next(iter(bases.values()))
+        for method in methods:
+            runs = [r for by_method in bases.values() for r in by_method[method].values()]
+            lines.append(f"| {label} | {method} | {len(runs)} | "
+                         + " | ".join(cell(runs, key, fmt.replace("+", ""), ci=True) for _, key, fmt in keys) + " |")
+            if method == reference or reference not in methods:
+                continue
+            matched = [(by_method[reference][s], by_method[method][s]) for by_method in bases.values()
+                       for s in by_method[method] if s in by_method[reference]]
+            cells = []
+            for _, key, fmt in keys:
+                diffs = [a[key] - b[key] for a, b in matched]
+                mean, _, (low, high) = interval(diffs)
+                word = verdict(diffs)
+                cells.append(f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}], "
+                             + (word if word == "not established" else f"{reference} {word}"))
+            pairs.append(f"| {label} | {method} | {len(matched)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + pairs)
 
 
 def plot(log_path, out):
@@ -658,26 +787,34 @@ def plot(log_path, out):
     print(f"plot: {os.path.join(out, 'curves.png')}")
 
 
-def plot_sweep(sweep, out):
-    """Test accuracy against learning rate, one line per method, error bars over seeds."""
+def plot_sweep(grid, out):
+    """sweep.png: test accuracy against learning rate, one line per method, error bars over seeds.
+    forgetting.png: test accuracy against forgetting (the rise of the held-out pretraining loss),
+    one point per method and learning rate, the trade-off PEFT's method comparison draws."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, by_lr in sweep.items():
+    (fig, ax), (fig2, bx) = plt.subplots(figsize=(7, 4.5)), plt.subplots(figsize=(7, 4.5))
+    for method, by_lr in grid.items():
         lrs = sorted(by_lr)
-        stats = [mean_std([r["accuracy"] for r in by_lr[lr]]) for lr in lrs]
-        ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], label=method, capsize=3, marker="o")
+        acc = [interval([r["accuracy"] for r in by_lr[lr]])[:2] for lr in lrs]
+        forget = [statistics.mean(r["forget_loss"] for r in by_lr[lr]) for lr in lrs]
+        line = ax.errorbar(lrs, [m for m, _ in acc], yerr=[s for _, s in acc], label=method, capsize=3, marker="o")
+        bx.plot(forget, [m for m, _ in acc], marker="o", label=method, color=line[0].get_color())
+        for lr, x, (y, _) in zip(lrs, forget, acc):
+            bx.annotate(f"{lr:.2g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    all_lrs = sorted({lr for by_lr in grid.values() for lr in by_lr})
     ax.set_xscale("log")
-    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
-    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.set_xticks(all_lrs, [f"{lr:.2g}" for lr in all_lrs], fontsize=7)
     ax.minorticks_off()
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "sweep.png"), dpi=100)
-    print(f"plot: {os.path.join(out, 'sweep.png')}")
+    ax.set(xlabel="learning rate", ylabel="test accuracy")
+    bx.set(xlabel="forgetting: rise of the loss on held-out pretraining text", ylabel="test accuracy",
+           title="one point per method and learning rate (labels)")
+    for figure, axes, name in ((fig, ax, "sweep.png"), (fig2, bx, "forgetting.png")):
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(os.path.join(out, name), dpi=100)
+        print(f"plot: {os.path.join(out, name)}")
 
 
 def pyplot():
@@ -721,16 +858,27 @@ def runtime(cfg):
     return Runtime(device, amp, rank, world, cfg.fsdp and world > 1)
 
 
+def end_distributed():
+    """The end of a torchrun process: destroy the process group, then exit at once, without Python's
+    finalization. Under FSDP2 the gloo group outlives destroy_process_group (DTensor's caches hold
+    its mesh), and a gloo worker thread that frees a tensor while Python finalizes aborts the process
+    ("terminate called without an active exception", pytorch#190489; 1 launch in 5 on 2 busy cores)."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_key(cfg):
     """What makes two runs of one method, lr and seed the same experiment (for resuming a sweep).
     Where files go and which device runs it do not (the cached base is keyed by its own settings)."""
-    ignored = ("methods", "lrs", "seeds", "out", "device", "cache")
+    ignored = ("methods", "lrs", "seeds", "refine", "final_seeds", "base_seeds", "out", "device", "cache")
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finished_runs(path, key):
-    """{(method, lr, seed): result} of the runs a sweep log holds for this configuration."""
+    """{(method, lr, seed, base seed): result} of the runs a sweep log holds for this configuration."""
     if not os.path.exists(path):
         return {}
     done = {}
@@ -740,29 +888,38 @@ def finished_runs(path, key):
         except json.JSONDecodeError:  # a line cut short by an interruption
             continue
         if row.get("key") == key:
-            done[(row["method"], row["lr"], row["seed"])] = row["result"]
+            done[(row["method"], row["lr"], row["seed"], row["base_seed"])] = row["result"]
     return done
 
 
+def prepare_base(cfg, base_seed, rt, progress):
+    """(base model, its cache path, its Evaluation): pretrained or cached, measured once."""
+    base, path = base_model(cfg, base_seed, rt, progress)
+    base.requires_grad_(False)
+    test, val = held_out(cfg)
+    data = Evaluation(test, val, heldout_text(cfg), None)
+    data.base_skills = pretraining_skills(base, data.heldout, rt)
+    loss, acc = evaluate(base, test, rt)
+    rt.say(f"base model {base_seed}: {data.base_skills[1]:.1%} of 200 arithmetic facts right, held-out "
+           f"pretraining loss {data.base_skills[0]:.3f}; on the task: eval loss {loss:.3f}, accuracy {acc:.1%}")
+    return base, path, data, (loss, acc)
+
+
 def run(cfg):
-    """The whole experiment; returns the results per method (and per lr in a sweep) and the checks."""
+    """The whole experiment. The demo: every method at the paper's learning rates. A sweep: every
+    method at each listed lr on seeds 0 .. seeds-1 of the first base model, the lr chosen on
+    validation (with refine, after adding the chosen lr / sqrt 2 and * sqrt 2), then with final_seeds
+    each method at its chosen lr on that many new seeds of every base. Returns results and checks."""
     rt = runtime(cfg)
-    methods, lrs = cfg.methods.split(","), cfg.sweep_lrs() or [None]
+    methods, bases, grid_lrs = cfg.methods.split(","), cfg.base_seed_list(), cfg.sweep_lrs() or [None]
     rt.say(f"device {rt.device}, {rt.world} process(es){' (FSDP2)' if rt.fsdp else ''}, bf16 autocast {rt.amp}, "
            f"methods {', '.join(methods)}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}"
-           + (f", learning rates {cfg.lrs}" if cfg.lrs else ""))
-    progress = Progress(cfg.pretrain_steps + len(methods) * len(lrs) * cfg.seeds * cfg.steps, rt)
-    base, base_path = base_model(cfg, rt, progress)
-    progress.total -= cfg.pretrain_steps - progress.done  # a cached base model needs no pretraining
-    base.requires_grad_(False)
-    data = held_out(cfg)
-    base_loss, base_acc = evaluate(base, data[0], rt)
-    rt.say(f"base model: {arithmetic_accuracy(base, rt):.1%} of 200 arithmetic facts right; "
-           f"on the task: eval loss {base_loss:.3f}, accuracy {base_acc:.1%}")
+           + (f", learning rates {cfg.lrs}, base models {cfg.base_seeds}" if cfg.lrs else ""))
+    planned = len(methods) * cfg.seeds * (len(grid_lrs) + 2 * cfg.refine) + len(bases) * len(methods) * cfg.final_seeds
+    progress = Progress(len(bases) * cfg.pretrain_steps + planned * cfg.steps, rt)
     os.makedirs(cfg.out, exist_ok=True)
     log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
     done = finished_runs(sweep_path, key) if cfg.lrs else {}
-    results, checks = {}, None
     if rt.main and not cfg.lrs:
         open(log_path, "w").close()  # a sweep appends to its log; a plain run starts a new one
 
@@ -771,27 +928,50 @@ def run(cfg):
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for lr_listed in lrs:
+    prepared, results, checks = {}, {}, None  # results: {base: {method: {lr: {seed: result}}}}
+
+    def runs(method, lr, seeds, base_seed):
+        """Fine-tune (or find in the sweep log) method at lr on these seeds of one base model."""
+        nonlocal checks
+        if base_seed not in prepared:
+            prepared[base_seed] = prepare_base(cfg, base_seed, rt, progress)
+        base, base_path, data, _ = prepared[base_seed]
+        out = results.setdefault(base_seed, {}).setdefault(method, {}).setdefault(lr, {})
+        for seed in seeds:
+            if (method, lr, seed, base_seed) in done:
+                out[seed] = done[(method, lr, seed, base_seed)]
+                progress.total -= cfg.steps
+                continue
+            out[seed], model = finetune(method, lr, base, data, cfg, seed, rt, progress, log)
+            if cfg.lrs:
+                log({"key": key, "method": method, "lr": lr, "seed": seed, "base_seed": base_seed,
+                     "result": out[seed]}, sweep_path)
+            elif method == "sorsa" and seed == 0:
+                checks = check_merge_and_adapter(model, base, data.test, cfg, rt, base_path)
+        return [out[seed] for seed in seeds]
+
+    first, seeds = bases[0], range(cfg.seeds)
+    for lr in grid_lrs:
         for method in methods:
-            lr = cfg.method_lr(method, lr_listed)
-            for seed in range(cfg.seeds):
-                if (method, lr, seed) in done:
-                    result = done[(method, lr, seed)]
-                    progress.total -= cfg.steps
-                    rt.say(f"  {method} lr {lr:g} seed {seed}: done before, skipped")
-                else:
-                    result, model = finetune(method, lr, base, data, cfg, seed, rt, progress, log)
-                    if cfg.lrs:
-                        log({"key": key, "method": method, "lr": lr, "seed": seed, "result": result}, sweep_path)
-                    if method == "sorsa" and seed == 0 and not cfg.lrs:
-                        checks = check_merge_and_adapter(model, base, data[0], cfg, rt, base_path)
-                results.setdefault(method, {}).setdefault(lr, []).append(result)
-    lambdas = {}
-    if cfg.lrs:  # why the best learning rates differ: the curvature each parametrization starts with
-        first = next(training_batches(0, cfg, {p for p, _ in data[0] + data[1]}))
-        lambdas = {method: hessian_lambda_max(method, base, first, cfg, rt) for method in methods}
-    return {"base": (base_loss, base_acc), "results": results, "checks": checks, "log": log_path,
-            "lambdas": lambdas, "rt": rt}
+            runs(method, cfg.method_lr(method, lr), seeds, first)
+    progress.total -= (len(bases) - len(prepared)) * cfg.pretrain_steps  # bases a demo never needs
+    report = {"base": prepared[first][3], "rt": rt, "log": log_path, "checks": checks}
+    grid = {m: {lr: [by_seed[s] for s in seeds] for lr, by_seed in results[first][m].items()} for m in methods}
+    if not cfg.lrs:
+        return {**report, "results": grid}
+    if cfg.refine:  # the neighbours of each method's best rate, on a sqrt 2 grid
+        for method in methods:
+            best = best_lr(grid[method])
+            for lr in (best / math.sqrt(2), best * math.sqrt(2)):
+                if lr not in grid[method]:
+                    grid[method][lr] = runs(method, lr, seeds, first)
+    chosen = {m: best_lr(grid[m]) for m in methods}
+    final_seeds = range(cfg.seeds, cfg.seeds + cfg.final_seeds)
+    final = {b: {m: dict(zip(final_seeds, runs(m, chosen[m], final_seeds, b))) for m in methods}
+             for b in bases} if cfg.final_seeds else {}
+    batch = next(training_batches(0, cfg, {p for p, _ in prepared[first][2].test + prepared[first][2].val}))
+    lambdas = {m: hessian_lambda_max(m, prepared[first][0], batch, cfg, rt) for m in methods}
+    return {**report, "results": grid, "final": final, "lambdas": lambdas}
 
 
 def parse_args(argv=None):
@@ -802,14 +982,20 @@ def parse_args(argv=None):
     parser.add_argument("--autocast", choices=["auto", "on", "off"], help="bf16 autocast; default 'auto': on CUDA only")
     helps = {"lrs": "sweep: every method at each learning rate (SORSA at the listed lr, not 1.5x; "
                     "gamma = gamma_ratio * lr, so the regularizer's weight stays put); resumes where it stopped",
-             "gamma_ratio": "SORSA's gamma / its learning rate (Eq. 6); the paper's is 13.3"}
-    for field in ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "lrs", "seeds", "batch_size",
-                  "test_size", "val_size", "pretrain_steps", "out", "cache"):
+             "gamma_ratio": "SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices "
+                            "(the authors' scale): the paper's ratio is 4e-4 / 3e-5 = 13.3",
+             "final_seeds": "sweep: each method at its chosen lr on this many new seeds of every base model, "
+                            "compared pairwise with SORSA",
+             "base_seeds": "pretraining seeds of the base models, e.g. 0,1,2 (--base_seed 1 works too)"}
+    for field in ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "lrs", "seeds", "final_seeds",
+                  "base_seeds", "batch_size", "test_size", "val_size", "pretrain_steps", "out", "cache"):
         value = getattr(defaults, field)
         parser.add_argument(f"--{field}", type=type(value),
                             help=f"{helps.get(field, '')}{'; ' if field in helps else ''}default {value!r}")
     parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
+    parser.add_argument("--refine", action="store_true", default=None,
+                        help="sweep: add each method's best lr / sqrt 2 and * sqrt 2, then choose again")
     args = parser.parse_args(argv)
     if args.quick:  # the quick settings, under anything given explicitly
         defaults.shrink_for_quick()
@@ -834,6 +1020,15 @@ def parse_args(argv=None):
             raise ValueError
     except ValueError:
         parser.error(f"--lrs {cfg.lrs!r} must be positive numbers separated by commas, e.g. 1e-3,2e-3")
+    try:
+        if min(cfg.base_seed_list()) < 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--base_seeds {cfg.base_seeds!r} must be integers >= 0 separated by commas, e.g. 0,1,2")
+    if (cfg.refine or cfg.final_seeds) and not cfg.lrs:
+        parser.error("--refine and --final_seeds belong to a sweep: give --lrs too")
+    if cfg.final_seeds < 0:
+        parser.error("--final_seeds must be >= 0")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
         parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
@@ -857,7 +1052,10 @@ def main(argv=None):
     if rt.main:
         print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
         if cfg.lrs:
-            print(sweep_tables(report["results"], report["lambdas"]))
+            print(sweep_table(report["results"], report["lambdas"]))
+            if report["final"]:
+                print(f"\nAt the chosen learning rates, seeds {cfg.seeds}-{cfg.seeds + cfg.final_seeds - 1}:\n"
+                      + comparison_tables(report["final"]))
             plot_sweep(report["results"], cfg.out)
         else:
             print(results_table({method: runs for method, by_lr in report["results"].items()
@@ -871,7 +1069,7 @@ def main(argv=None):
         print(f"log: {report['log']}")
         print(f"total time {time.time() - start:.0f} s")
     if dist.is_initialized():
-        dist.destroy_process_group()
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ What this script measures: the convexity counterexample (Q, -Q and their midpoin
 the second difference at U_p = 0 that the proof says is +2 ||W^T W||_F, the gradient
 jump across the orthonormal set, and gradient descent on L_reg alone, paper form and
 squared form, over a range of step sizes: where it returns a perturbed U_p, V_p to
-orthonormality and how close it gets.
+orthonormality and how close it gets. Every L_reg here is Eq. 4 of one layer as the paper
+writes it, the sum of its two norms (reduction="sum"; sorsa.py's default mean is half of it).
 
     python -m theory.regularizer        (a few seconds on a 2-core CPU)
 """
@@ -29,7 +30,7 @@ def layer_with(U_p, Vt_p):
 
 def reg(U_p, Vt_p, squared=False):
     """L_reg (Eq. 4, or its squared form) of one layer with these factors, as a float."""
-    return orthonormal_regularizer([layer_with(U_p, Vt_p)], squared=squared).item()
+    return orthonormal_regularizer([layer_with(U_p, Vt_p)], squared=squared, reduction="sum").item()
 
 
 def orthonormal(rows, cols, seed):
@@ -61,7 +62,7 @@ def second_difference_at_zero(m, n, r, seed, eps=1e-3):
 def grad_U(U_p, Vt_p, squared=False):
     """d L_reg / d U_p (m, r) through sorsa's regularizer."""
     layer = layer_with(U_p, Vt_p)
-    orthonormal_regularizer([layer], squared=squared).backward()
+    orthonormal_regularizer([layer], squared=squared, reduction="sum").backward()
     return layer.U_p.grad
 
 
@@ -87,11 +88,11 @@ def descend(layer, step, steps, squared):
     history = []
     for _ in range(steps):
         layer.U_p.grad = layer.Vt_p.grad = None
-        orthonormal_regularizer([layer], squared=squared).backward()
+        orthonormal_regularizer([layer], squared=squared, reduction="sum").backward()
         with torch.no_grad():
             for p in (layer.U_p, layer.Vt_p):
                 p.sub_(step * p.grad)
-            history.append(orthonormal_regularizer([layer]).item())
+            history.append(orthonormal_regularizer([layer], reduction="sum").item())
     return history
 
 
@@ -103,7 +104,7 @@ def adamw_descend(layer, lr, steps, squared, scale=1.0, cosine=False):
     history = []
     for _ in range(steps):
         opt.zero_grad()
-        (scale * orthonormal_regularizer([layer], squared=squared)).backward()
+        (scale * orthonormal_regularizer([layer], squared=squared, reduction="sum")).backward()
         opt.step()
         if schedule:
             schedule.step()
