@@ -228,6 +228,7 @@ class SORSALinear(nn.Module):
         """A frozen layer of the replaced type, weight W_r + U_p diag(S_p) Vt_p in its own layout (a
         plain nn.Linear; a Conv1D-style layer is built as base_type(nf, nx), transformers' signature):
         no inference latency, and the original model's state-dict keys and shapes."""
+        # full_tensor: the tensor itself in one process; under FSDP2, the shards gathered.
         W_r, U_p, S_p, Vt_p = (full_tensor(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
         W = add_principal(W_r, U_p, S_p, Vt_p, +1)  # (m, n)
         linear = self.base_type is nn.Linear

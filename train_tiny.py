@@ -308,6 +308,13 @@ def pretraining_batches(cfg, base_seed):
     return (pretrain_chunks(rng, cfg, cfg.pretrain_batch) for _ in range(cfg.pretrain_steps))
 
 
+def lm_loss(model, chunk, rt):
+    """Next-character cross-entropy at every position of windows (B, T + 1): pretraining's loss."""
+    with rt.autocast():
+        logits = model(chunk[:, :-1])  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+
+
 def pretrain(cfg, base_seed, rt, progress):
     """Train TinyGPT on the generated corpus, its initialization and data drawn from base_seed;
     returns the model and its final loss."""
@@ -316,10 +323,7 @@ def pretrain(cfg, base_seed, rt, progress):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.pretrain_steps)
     for step, chunk in enumerate(pretraining_batches(cfg, base_seed)):
-        chunk = chunk.to(rt.device)
-        with rt.autocast():
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+        loss = lm_loss(model, chunk.to(rt.device), rt)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -533,10 +537,7 @@ def heldout_text(cfg, n=256):
 def pretraining_skills(model, heldout, rt):
     """(loss on held-out pretraining text, arithmetic accuracy): what fine-tuning may make a model forget."""
     with evaluating(model):
-        x = heldout.to(rt.device)
-        with rt.autocast():
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).item()
+        loss = lm_loss(model, heldout.to(rt.device), rt).item()
     return loss, arithmetic_accuracy(model, rt)
 
 
@@ -916,7 +917,7 @@ def run(cfg):
            f"methods {', '.join(methods)}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}"
            + (f", learning rates {cfg.lrs}, base models {cfg.base_seeds}" if cfg.lrs else ""))
     planned = len(methods) * cfg.seeds * (len(grid_lrs) + 2 * cfg.refine) + len(bases) * len(methods) * cfg.final_seeds
-    progress = Progress(len(bases) * cfg.pretrain_steps + planned * cfg.steps, rt)
+    progress = Progress((len(bases) if cfg.final_seeds else 1) * cfg.pretrain_steps + planned * cfg.steps, rt)
     os.makedirs(cfg.out, exist_ok=True)
     log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
     done = finished_runs(sweep_path, key) if cfg.lrs else {}
@@ -934,7 +935,9 @@ def run(cfg):
         """Fine-tune (or find in the sweep log) method at lr on these seeds of one base model."""
         nonlocal checks
         if base_seed not in prepared:
+            before = progress.done
             prepared[base_seed] = prepare_base(cfg, base_seed, rt, progress)
+            progress.total -= cfg.pretrain_steps - (progress.done - before)  # none when it was cached
         base, base_path, data, _ = prepared[base_seed]
         out = results.setdefault(base_seed, {}).setdefault(method, {}).setdefault(lr, {})
         for seed in seeds:
@@ -954,7 +957,6 @@ def run(cfg):
     for lr in grid_lrs:
         for method in methods:
             runs(method, cfg.method_lr(method, lr), seeds, first)
-    progress.total -= (len(bases) - len(prepared)) * cfg.pretrain_steps  # bases a demo never needs
     report = {"base": prepared[first][3], "rt": rt, "log": log_path, "checks": checks}
     grid = {m: {lr: [by_seed[s] for s in seeds] for lr, by_seed in results[first][m].items()} for m in methods}
     if not cfg.lrs:
