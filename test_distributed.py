@@ -250,6 +250,8 @@ def worker(engine, dtype, out):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    import train_tiny
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     _, model, x, target = model_and_batch(getattr(torch, dtype))
@@ -291,7 +293,6 @@ def worker(engine, dtype, out):
     with torch.no_grad():
         report["merged_output"] = wrapped(x).float().tolist()
     if engine == "ddp":  # train_tiny's own step: each rank's share of a global batch, SGD
-        import train_tiny
         rt = train_tiny.Runtime(torch.device("cpu"), rank=rank, world=world)
         tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), "sorsa", rt)
         tiny_steps(tiny, rt)
@@ -299,7 +300,6 @@ def worker(engine, dtype, out):
     if rank == 0:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f)
-    import train_tiny
     train_tiny.end_distributed()  # not a plain destroy_process_group: its docstring says why
 
 

@@ -242,7 +242,9 @@ def test_t_quantile_and_interval_match_the_tables():
         assert abs(train_tiny.t_975(df) - t) < 1e-3
     mean, std, (low, high) = train_tiny.interval([1.0, 2.0, 3.0])
     assert (mean, std) == (2.0, 1.0) and math.isclose(high - mean, 4.3027 / math.sqrt(3), rel_tol=1e-4)
-    assert train_tiny.verdict([0.1, 0.2, 0.15]) == "higher" and train_tiny.verdict([-0.1, 0.2]) == "not established"
+    assert train_tiny.verdict(*train_tiny.interval([0.1, 0.2, 0.15])[2]) == "higher"
+    assert train_tiny.verdict(*train_tiny.interval([-0.1, 0.2])[2]) == "not established"
+    assert train_tiny.verdict(*train_tiny.interval([-0.1, -0.2, -0.15])[2]) == "lower"
 
 
 def test_run_key_changes_with_every_setting_that_changes_an_experiment_and_only_with_those():

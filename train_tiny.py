@@ -680,9 +680,8 @@ def interval(values):
     return mean, std, (mean - half, mean + half)
 
 
-def verdict(differences):
-    """What a paired comparison's 95% interval establishes about the mean difference."""
-    _, _, (low, high) = interval(differences)
+def verdict(low, high):
+    """What a paired comparison's 95% interval (low, high) establishes about the mean difference."""
     return "higher" if low > 0 else "lower" if high < 0 else "not established"
 
 
@@ -761,7 +760,7 @@ def comparison_tables(final, reference="sorsa"):
             for _, key, fmt in keys:
                 diffs = [a[key] - b[key] for a, b in matched]
                 mean, _, (low, high) = interval(diffs)
-                word = verdict(diffs)
+                word = verdict(low, high)
                 cells.append(f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}], "
                              + (word if word == "not established" else f"{reference} {word}"))
             pairs.append(f"| {label} | {method} | {len(matched)} | " + " | ".join(cells) + " |")
@@ -898,8 +897,8 @@ def prepare_base(cfg, base_seed, rt, progress):
     base, path = base_model(cfg, base_seed, rt, progress)
     base.requires_grad_(False)
     test, val = held_out(cfg)
-    data = Evaluation(test, val, heldout_text(cfg), None)
-    data.base_skills = pretraining_skills(base, data.heldout, rt)
+    heldout = heldout_text(cfg)
+    data = Evaluation(test, val, heldout, pretraining_skills(base, heldout, rt))
     loss, acc = evaluate(base, test, rt)
     rt.say(f"base model {base_seed}: {data.base_skills[1]:.1%} of 200 arithmetic facts right, held-out "
            f"pretraining loss {data.base_skills[0]:.3f}; on the task: eval loss {loss:.3f}, accuracy {acc:.1%}")
