@@ -250,6 +250,38 @@ class SORSALinear(nn.Module):
 # ----------------------------------------------------------------------------- regularizer and Eq. 6
 
 
+class _GramDistance(torch.autograd.Function):
+    """Eq. 4's term per layer, ||F^T F - I||_F (squared=True: its square), for factors stacked as
+    F (L, k, r) -> (L,), with its gradient written out (A = F^T F - I, symmetric):
+
+        d ||A||_F / dF = 2 F A / ||A||_F        d ||A||_F^2 / dF = 4 F A
+
+    At exact orthonormality (A = 0) the norm has no gradient and the subgradient 0 is taken.
+    Forward and backward both run at full float32 (or float64), with autocast off: left to
+    autograd, the backward's products would run later, at whatever precision the caller set.
+    group: under FSDP2, the ranks holding F's other rows; F^T F is then the sum of their Grams
+    and each rank's rows get 2 F_local A / ||A||_F, with no communication in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, F, squared, group):
+        with torch.autocast(F.device.type, enabled=False), _full_float32():
+            # One process: F^T F. FSDP2: the sum of the ranks' Grams of their rows (one all-reduce).
+            A = _sum_over_ranks(F.mT @ F, group) - torch.eye(F.shape[-1], device=F.device, dtype=F.dtype)  # (L, r, r)
+            norms = torch.linalg.matrix_norm(A)  # (L,)
+        ctx.save_for_backward(F, A, norms)
+        ctx.squared = squared
+        return norms.square() if squared else norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        F, A, norms = ctx.saved_tensors
+        scale = 4 * grad if ctx.squared else torch.where(norms > 0, 2 * grad / norms, 0.0)  # (L,)
+        with torch.autocast(F.device.type, enabled=False), _full_float32():
+            return (F @ A) * scale[:, None, None], None, None  # (L, k, r)
+
+
 def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
     """L_reg: Eq. 4, ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F, for every layer; a scalar.
 
@@ -261,10 +293,10 @@ def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
     Read it per layer as Eq. 4; it is computed per factor shape: each layer's U_p (m, r)
     and Vt_p^T (n, r) is a matrix F whose Gram matrix F^T F should be I, and all the F of
     one shape are stacked so that one batched product and one batched norm serve them all
-    (a handful of kernels per shape instead of ~25 per layer). Computed in full float32 or
-    wider with autocast off: bf16 Grams are hundreds of times too large at initialization.
-    squared=True sums the squared norms instead; unlike the paper's norm, its gradient
-    vanishes at orthonormality, so gradient descent settles there (see theory/).
+    (a handful of kernels per shape instead of ~25 per layer). Value and gradient are computed
+    in full float32 or wider (_GramDistance): bf16 Grams are hundreds of times too large at
+    initialization. squared=True sums the squared norms instead; unlike the paper's norm, its
+    gradient vanishes at orthonormality, so gradient descent settles there (see theory/).
     """
     _check_model_type(model_or_modules, "model_or_modules")
     _check_reduction(reduction)
@@ -276,14 +308,9 @@ def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
             local, group = _local_rows(factor)  # keyed by the whole shape: every rank forms the same groups
             groups.setdefault((factor.shape, local.dtype, local.device, group), []).append(local)
     total = None
-    for (shape, dtype, device, group), factors in groups.items():
-        with torch.autocast(device_type=device.type, enabled=False), _full_float32():
-            stacked = torch.stack(factors).to(_wide(dtype))  # (L, k, r)
-            # U_p^T U_p or V_p^T V_p; under FSDP2 summed over the ranks' rows (group None: as it is).
-            gram = _sum_over_ranks(stacked.mT @ stacked, group)  # (L, r, r)
-            eye = torch.eye(shape[1], device=device, dtype=gram.dtype)  # (r, r)
-            norms = torch.linalg.matrix_norm(gram - eye)  # (L,): one Frobenius norm per layer (Eq. 4)
-            term = (norms.square() if squared else norms).sum()
+    for (_, dtype, _, group), factors in groups.items():
+        stacked = torch.stack(factors).to(_wide(dtype))  # (L, k, r)
+        term = _GramDistance.apply(stacked, squared, group).sum()  # Eq. 4, one norm per layer
         total = term if total is None else total + term.to(total.device)
     return total / (2 * len(found)) if reduction == "mean" else total
 
@@ -879,14 +906,11 @@ def _local_rows(factor):
 
 
 def _sum_over_ranks(gram, group):
-    """The sum over ranks of the local (L, r, r) Grams: one all-reduce of r x r matrices, never
-    an all-gather of the factors. Each rank's rows get the gradient of the summed Gram's loss
-    as it is (the loss is one function of the sum, not one per rank), hence the detach."""
-    if group is None:
-        return gram
-    total = gram.detach().clone()
-    dist.all_reduce(total, group=group)
-    return gram + (total - gram.detach())
+    """The sum over ranks of the local (L, r, r) Grams, in place: one all-reduce of r x r
+    matrices, never an all-gather of the factors. group None (one process): gram as it is."""
+    if group is not None:
+        dist.all_reduce(gram, group=group)
+    return gram
 
 
 def fsdp_shard_placement(model, world_size=None):
