@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 ADAPTER_KEYS = ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0")  # per layer, in an adapter file
+FULL = "modules_to_save"  # '{name}.modules_to_save.{key}': a module trained in full, in an adapter file
+BASE_TOLERANCE = 0.05  # load_adapter's base check: bf16 rounding of the right base gives ~1e-3, another model ~1
 
 
 # ----------------------------------------------------------------------------- SVD split
@@ -158,10 +160,11 @@ def svd_split(weight, rank, niter=None, factor_dtype=None):
 
 
 def _base_weight(layer):
-    """W_0 (out, in) of a layer SORSA replaces, or None: a plain nn.Linear's weight, or a
-    Conv1D-style layer's transposed (transformers' Conv1D, as in GPT-2: attribute nf, weight
-    (in, out) = (nx, nf), y = x W + b; recognized by name and shape, without importing transformers)."""
-    if type(layer) is nn.Linear:
+    """W_0 (out, in) of a layer SORSA replaces, or None: an nn.Linear's weight (subclasses too, such
+    as Falcon's FalconLinear), or a Conv1D-style layer's transposed (transformers' Conv1D, as in GPT-2:
+    attribute nf, weight (in, out) = (nx, nf), y = x W + b; recognized by name and shape, without
+    importing transformers)."""
+    if isinstance(layer, nn.Linear):
         return layer.weight
     weight = getattr(layer, "weight", None)
     conv1d = type(layer).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
@@ -178,8 +181,8 @@ class SORSALinear(nn.Module):
     bias, and a copy of the initial factors U_p0, S_p0, Vt_p0, so that the learned change
     W_p,t - W_p,0 can be exported. State-dict keys, in order: U_p, S_p, Vt_p, W_r, U_p0,
     S_p0, Vt_p0, bias. Built ready to train, normally through `SORSALinear.from_linear`.
-    base_type is the class of the layer it replaced (nn.Linear, or a Conv1D-style class whose
-    weight is stored (in, out)); merge() gives one back. `.weight` is W_r, for code that reads it.
+    base_type is the class of the layer it replaced (nn.Linear or a subclass, or a Conv1D-style class
+    whose weight is stored (in, out)); merge() gives one back. `.weight` is W_r, for code that reads it.
     """
 
     def __init__(self, U_p, S_p, Vt_p, W_r, bias=None, base_type=nn.Linear):
@@ -213,7 +216,7 @@ class SORSALinear(nn.Module):
         code that reads a layer's weight for its dtype, device or shape (T5's feed-forward casts its
         input to wo.weight.dtype), as PEFT answers with its base layer's weight. It is not the
         effective weight W_r + W_p: merge() builds that, and nothing in this file reads .weight."""
-        return self.W_r if self.base_type is nn.Linear else self.W_r.mT
+        return self.W_r if issubclass(self.base_type, nn.Linear) else self.W_r.mT
 
     def forward(self, x):
         # Never builds the (m, n) matrix W_p: the adapter costs r (m + n) multiply-adds per
@@ -225,16 +228,20 @@ class SORSALinear(nn.Module):
         return F.linear(x, self.W_r, self.bias) + F.linear(low, self.U_p.to(low.dtype))  # (..., m)
 
     def merge(self):
-        """A frozen layer of the replaced type, weight W_r + U_p diag(S_p) Vt_p in its own layout (a
-        plain nn.Linear; a Conv1D-style layer is built as base_type(nf, nx), transformers' signature):
-        no inference latency, and the original model's state-dict keys and shapes."""
+        """A frozen layer of the replaced type, weight W_r + U_p diag(S_p) Vt_p in its own layout: no
+        inference latency, and the original model's state-dict keys and shapes. An nn.Linear subclass
+        comes back as itself where it keeps nn.Linear's constructor (FalconLinear), else as nn.Linear;
+        a Conv1D-style layer is built as base_type(nf, nx), transformers' signature."""
         # full_tensor: the tensor itself in one process; under FSDP2, the shards gathered.
         W_r, U_p, S_p, Vt_p = (full_tensor(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
         W = add_principal(W_r, U_p, S_p, Vt_p, +1)  # (m, n)
-        linear = self.base_type is nn.Linear
+        linear = issubclass(self.base_type, nn.Linear)
         with torch.device("meta"):  # shapes only: no random initialization to overwrite
-            layer = (nn.Linear(self.in_features, self.out_features, bias=self.bias is not None) if linear
-                     else self.base_type(self.out_features, self.in_features))
+            if linear:
+                cls = self.base_type if self.base_type.__init__ is nn.Linear.__init__ else nn.Linear
+                layer = cls(self.in_features, self.out_features, bias=self.bias is not None)
+            else:
+                layer = self.base_type(self.out_features, self.in_features)
         layer = layer.to(W.dtype).to_empty(device=W.device)
         with torch.no_grad():
             layer.weight.copy_(W if linear else W.mT)
@@ -386,10 +393,11 @@ def sorsa_modules(model):
     return [(str(i), mod) for i, mod in enumerate(layers)]
 
 
-def _convert(model, builders):
+def _convert(model, builders, full):
     """Swap in one new layer at a time ({name: build()}), so that at most one extra layer's
     weight exists at once. An unexpected failure (out of memory, KeyboardInterrupt) leaves
-    every layer either wholly original or wholly SORSA; its message lists the converted ones."""
+    every layer either wholly original or wholly SORSA; its message lists the converted ones.
+    Then the modules of `full` ({name: state dict to load, or None}) are marked to train in full."""
     done = []
     try:
         for name, build in builders.items():
@@ -400,27 +408,41 @@ def _convert(model, builders):
                      f"{', '.join(done) or 'none'}. Each layer is wholly original or wholly SORSA; "
                      "merge_sorsa(model) turns the converted ones back into nn.Linear")
         raise
+    for name, state in full.items():
+        mod = model.get_submodule(name)
+        if state is not None:
+            mod.load_state_dict(state)
+        mod.sorsa_trains_in_full = True
     _freeze_all_but_adapters(model)
     return list(builders)
 
 
 def _freeze_all_but_adapters(model):
-    """requires_grad only for the U_p, S_p, Vt_p of every SORSA layer."""
+    """requires_grad only for the U_p, S_p, Vt_p of every SORSA layer and the modules that train in full."""
     model.requires_grad_(False)
     for _, mod in sorsa_modules(model):
         for p in (mod.U_p, mod.S_p, mod.Vt_p):
             p.requires_grad_(True)
+    for _, mod in full_modules(model):
+        mod.requires_grad_(True)
 
 
-def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None):
+def full_modules(model):
+    """(name, module) pairs of the modules that train in full beside the adapters (modules_to_save)."""
+    return [(name, mod) for name, mod in unwrap(model).named_modules() if getattr(mod, "sorsa_trains_in_full", False)]
+
+
+def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None, modules_to_save=None):
     """Replace matching linear layers by SORSA layers in place, freeze the rest; return their names.
 
-    target_modules: None (or "all-linear") for every nn.Linear and Conv1D-style layer but the
-    output head (lm_head, get_output_embeddings()) and tied weights, which are skipped with a
-    warning naming them, as are nn.Linear subclasses such as nn.MultiheadAttention's out_proj;
-    or names such as ["q_proj", "v_proj"] matched against the end of each module name, each of
-    which must match, every layer matched must be adaptable. niter: see svd_split.
+    target_modules: None (or "all-linear") for every nn.Linear (subclasses too) and Conv1D-style
+    layer but the output head (lm_head, get_output_embeddings()), tied weights, layers with fewer
+    outputs than the rank (a classification head) and nn.MultiheadAttention's out_proj, which are
+    skipped with a warning naming them; or names such as ["q_proj", "v_proj"] matched against the end of each module name, each
+    of which must match, every layer matched must be adaptable. niter: see svd_split.
     factor_dtype: the trainable factors' dtype (default float32; float64 for float64 weights).
+    modules_to_save: names of modules that train in full and travel with the adapter (a new
+    classification head: ["classifier"]), as PEFT's option of that name.
     Every target is checked before the first layer is touched, so bad input leaves the
     model as it was; layers are then converted one at a time (peak memory: one layer).
     """
@@ -428,9 +450,10 @@ def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None)
     _check_rank_type(rank)
     _check_niter(niter)
     _check_factor_dtype(factor_dtype)
-    names = _select_targets(model, rank, _normalize_targets(target_modules))
+    full = _select_full(model, modules_to_save)
+    names = _select_targets(model, rank, _normalize_targets(target_modules), full)
     return _convert(model, {name: lambda name=name: SORSALinear.from_linear(
-        model.get_submodule(name), rank, niter, factor_dtype) for name in names})
+        model.get_submodule(name), rank, niter, factor_dtype) for name in names}, dict.fromkeys(full))
 
 
 def merge_sorsa(model):
@@ -444,16 +467,18 @@ def merge_sorsa(model):
 
 
 def adapter_state_dict(model):
-    """The trained factors and the initial ones, per layer: '{name}.U_p', ..., '{name}.Vt_p0'.
+    """The trained factors and the initial ones, per layer: '{name}.U_p', ..., '{name}.Vt_p0';
+    and the whole state of each module that trains in full: '{name}.modules_to_save.{key}'.
 
-    With both, the learned change W_p,t - W_p,0 can be applied to the original base
+    With both factors, the learned change W_p,t - W_p,0 can be applied to the original base
     model (whose weight is W_r + W_p,0) without its W_r and without a new SVD. The tensors
     are copies on the CPU (FSDP2 shards gathered: call it on every rank).
     """
     found = _require_adapters(model)
     _check_finite_factors(found, "no adapter state was made")
-    return {f"{name}.{key}": full_tensor(getattr(mod, key)).detach().to("cpu", copy=True)
-            for name, mod in found for key in ADAPTER_KEYS}
+    state = {f"{name}.{key}": getattr(mod, key) for name, mod in found for key in ADAPTER_KEYS}
+    state.update({f"{name}.{FULL}.{key}": t for name, mod in full_modules(model) for key, t in mod.state_dict().items()})
+    return {key: full_tensor(t).detach().to("cpu", copy=True) for key, t in state.items()}
 
 
 def save_adapter(model, path):
@@ -464,21 +489,29 @@ def save_adapter(model, path):
     _rank_0_writes(lambda: save_checked(state, path), path)
 
 
-def load_adapter(model, state, factor_dtype=None):
+def load_adapter(model, state, factor_dtype=None, check_base=True):
     """Put a saved adapter (a dict or a file path) onto the original base model; return the names.
 
     Each target nn.Linear or Conv1D-style layer (W_0) becomes a SORSA layer with W_r = W_0 - W_p,0
-    and the trained U_p, S_p, Vt_p, so its weight is W_0 + (W_p,t - W_p,0). No SVD is computed.
+    and the trained U_p, S_p, Vt_p, so its weight is W_0 + (W_p,t - W_p,0). No SVD is computed;
+    modules that trained in full get their saved state. check_base: refuse a base other than the
+    one the adapter was made from, whose top-r singular triplets the initial factors are
+    (U_p0^T W_0 V_p0 = diag(S_p0); an m n r product per layer); False loads onto any base that fits.
     Everything is checked before the model is touched; layers are converted one at a time.
     """
     model = _check_unwrapped_module(model, "load_adapter")
     _check_factor_dtype(factor_dtype)
     source, state = _read_adapter(state)
-    layers = _group_adapter_state(state, source)
+    layers, full = _group_adapter_state(state, source)
     if sorsa_modules(model):
         raise ValueError("the model already has SORSA adapters; load an adapter onto the base model")
+    read_directly = _read_directly(model)
     for name, parts in layers.items():
-        _check_adapter_layer(model, name, parts, source)
+        _check_adapter_layer(model, name, parts, source, read_directly)
+        if check_base:
+            _check_base(_base_weight(model.get_submodule(name)), parts, f"{source}: layer {name}")
+    for name, parts in full.items():
+        _check_full_module(model, name, parts, source)
 
     def build(name, parts):
         base = model.get_submodule(name)
@@ -491,17 +524,19 @@ def load_adapter(model, state, factor_dtype=None):
                 getattr(layer, key).copy_(p[key])
         return layer
 
-    return _convert(model, {name: lambda name=name, parts=parts: build(name, parts) for name, parts in layers.items()})
+    return _convert(model, {name: lambda name=name, parts=parts: build(name, parts) for name, parts in layers.items()},
+                    full)
 
 
 def lora_state_dict(model):
     """The learned change as plain LoRA factors: '{name}.lora_A.weight' (2r, n), '.lora_B.weight' (m, 2r).
 
     B @ A = U_p,t diag(S_p,t) Vt_p,t - U_p,0 diag(S_p,0) Vt_p,0 = W_p,t - W_p,0, a rank-2r
-    product that any LoRA loader can add to the original base weight with scaling 1.
+    product that any LoRA loader can add to the original base weight with scaling 1. A module
+    trained in full comes whole, '{name}.{key}', to replace the base model's.
     """
     state = adapter_state_dict(model)
-    out = {}
+    out = {k.replace(f".{FULL}.", "."): v for k, v in state.items() if f".{FULL}." in k}
     for name, mod in sorsa_modules(model):
         U, S, Vt, U0, S0, Vt0 = (state[f"{name}.{key}"] for key in ADAPTER_KEYS)
         out[f"{name}.lora_A.weight"] = torch.cat([Vt, Vt0], dim=0)  # (2r, n)
@@ -517,7 +552,8 @@ def save_lora(model, directory, base_name=None):
     without safetensors; directory/adapter_config.json says LoRA with r = lora_alpha = 2
     * rank (scaling 1), the adapted layers as target_modules, no dropout, and fan_in_fan_out
     when they replaced Conv1D-style layers (GPT-2; the LoRA factors are the same either way:
-    PEFT transposes B A for those). Each file is written atomically (every rank: see
+    PEFT transposes B A for those). Modules trained in full go to PEFT's modules_to_save, their
+    state under 'base_model.model.{name}.{key}'. Each file is written atomically (every rank: see
     save_adapter); base_name goes to base_model_name_or_path.
     """
     lora = lora_state_dict(model)
@@ -528,7 +564,8 @@ def save_lora(model, directory, base_name=None):
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
               "r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": others,
               "target_modules": sorted(rank_of), "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": all(mod.base_type is not nn.Linear for _, mod in found),
+              "fan_in_fan_out": all(not issubclass(mod.base_type, nn.Linear) for _, mod in found),
+              "modules_to_save": [name for name, _ in full_modules(model)] or None,
               "init_lora_weights": True, "inference_mode": True}
     weights = {f"base_model.model.{k}": v for k, v in lora.items()}
 
@@ -722,7 +759,13 @@ def _check_unwrapped_module(model, verb):
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError(f"{verb} changes the model's layers, which {type(model).__name__} has already registered; "
                         f"call {verb} on the plain model first, then wrap it")
-    return unwrap(model)
+    model = unwrap(model)
+    peft = sorted({type(mod).__name__ for mod in model.modules() if type(mod).__module__.split(".")[0] == "peft"})
+    if peft:  # found by module path, without importing peft
+        raise TypeError(f"{verb} needs the base model, but this one holds PEFT's {', '.join(peft)} (another "
+                        f"adapter method, e.g. from get_peft_model); nothing was changed. Call {verb} on the model "
+                        "before PEFT wraps it, or on peft_model.merge_and_unload()")
+    return model
 
 
 def _require_adapters(model):
@@ -742,13 +785,13 @@ def _check_finite_factors(found, consequence):
                                  "Restart from the last good adapter with a lower learning rate")
 
 
-def _normalize_targets(target_modules):
+def _normalize_targets(target_modules, argument="target_modules"):
     """None (all linear layers: None or "all-linear"), or a non-empty tuple of name patterns."""
-    if target_modules is None or target_modules == "all-linear":
+    if target_modules is None or target_modules == "all-linear" and argument == "target_modules":
         return None
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"target_modules must be None, a name or a list of names, got {target_modules!r}")
+        raise TypeError(f"{argument} must be None, a name or a list of names, got {target_modules!r}")
     return targets
 
 
@@ -765,17 +808,40 @@ def _output_heads(model):
     return {name for name, mod in model.named_modules() if mod is head or name.rsplit(".", 1)[-1] == "lm_head"}
 
 
-def _select_targets(model, rank, targets):
-    """Names of the layers to adapt, after checking every one of them and every pattern. targets
-    None: every nn.Linear and Conv1D-style layer but the output head and tied weights; those, and
-    nn.Linear subclasses (nn.MultiheadAttention's out_proj), are skipped with a warning naming them."""
+def _read_directly(model):
+    """Names of the layers whose parent reads their weight instead of calling them (the children of
+    nn.MultiheadAttention: its out_proj): a SORSA layer there would be bypassed."""
+    return {f"{name}.{child}".lstrip(".") for name, mod in model.named_modules()
+            if isinstance(mod, nn.MultiheadAttention) for child, _ in mod.named_children()}
+
+
+def _select_full(model, modules_to_save):
+    """Names of the modules that train in full, one per pattern in modules_to_save (matched as targets)."""
+    patterns = () if modules_to_save is None else _normalize_targets(modules_to_save, "modules_to_save")
+    names = []
+    for pattern in patterns:
+        found = [name for name, _ in model.named_modules() if name and _matches(name, pattern)]
+        if not found:
+            raise ValueError(f"modules_to_save {pattern!r} matches no module of the model; nothing was changed")
+        names += [name for name in found if not any(name.startswith(f + ".") for f in found)]
+    return sorted(set(names))
+
+
+def _select_targets(model, rank, targets, full=()):
+    """Names of the layers to adapt, after checking every one of them and every pattern.
+
+    Adaptable: every nn.Linear (subclasses too) and Conv1D-style layer, but one whose parent reads its
+    weight instead of calling it (nn.MultiheadAttention's out_proj). targets None: every adaptable
+    layer but the output head, tied weights, layers with fewer outputs than the rank (a classification
+    head of a few labels), each named in one warning with why, and layers inside the modules that
+    train in full (`full`)."""
     if sorsa_modules(model):
         raise ValueError(
             "the model already has SORSA adapters; adapting twice would split the split. "
             "Call merge_sorsa(model) first, or start from the base model"
         )
     modules = [(name, mod) for name, mod in model.named_modules() if name]
-    linears = [name for name, mod in modules if isinstance(mod, nn.Linear) or _base_weight(mod) is not None]
+    linears = [name for name, mod in modules if _base_weight(mod) is not None]
     for target in targets or ():
         if not any(_matches(name, target) for name, _ in modules):
             suffixes = {".".join(name.split(".")[i:]) for name in linears for i in range(name.count(".") + 1)}
@@ -786,26 +852,34 @@ def _select_targets(model, rank, targets):
     owners = {}  # id(parameter) -> every name it is reachable under (tied weights share one)
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
-    heads, selected, skipped = _output_heads(model), [], []
+    heads, read_directly, selected, skipped = _output_heads(model), _read_directly(model), [], []
     for name, mod in modules:
         W_0 = _base_weight(mod)
-        tied = [o for o in owners.get(id(getattr(mod, "weight", None)), []) if o != f"{name}.weight"]
-        if targets is None:  # every linear layer, but what a default cannot adapt safely
-            if name not in linears:
-                continue
-            why = ("the output head" if name in heads else f"{type(mod).__name__}, not a plain nn.Linear"
-                   if W_0 is None else f"tied to {', '.join(tied)}" if tied else None)
-            if why:
-                skipped.append(f"{name} ({why})")
-                continue
-        elif not any(_matches(name, t) for t in targets):
+        if not (any(_matches(name, t) for t in targets) if targets else W_0 is not None):
             continue
-        where = f" for layer {name}"
         if W_0 is None:
             raise TypeError(f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear or a "
                             "Conv1D-style layer; pass target_modules that exclude it")
-        if tied:
-            raise ValueError(f"{name}.weight is tied to {', '.join(tied)}; exclude it from target_modules")
+        tied = [o for o in owners.get(id(mod.weight), []) if o != f"{name}.weight"]
+        inside = [f for f in full if name == f or name.startswith(f + ".")]
+        m, n = W_0.shape
+        problem = (f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
+                   if name in read_directly else
+                   f"in {inside[0]}, which trains in full" if inside else
+                   "the output head" if targets is None and name in heads else
+                   f"tied to {', '.join(tied)}" if tied else
+                   f"rank {rank} is above its {m} outputs: a new classification head trains in full with "
+                   "modules_to_save" if targets is None and m < rank <= n else None)
+        if targets is None:  # every linear layer, but what a default cannot adapt safely
+            if inside:  # the caller's choice: nothing to warn about
+                continue
+            if problem:
+                skipped.append(f"{name} ({problem})")
+                continue
+        elif problem:
+            raise (TypeError if name in read_directly else ValueError)(
+                f"{name} matches the targets but is {problem}; exclude it from target_modules")
+        where = f" for layer {name}"
         _check_weight(W_0, where)
         _check_rank(rank, *W_0.shape, where)
         selected.append(name)
@@ -833,31 +907,42 @@ def _read_adapter(state):
 
 
 def _group_adapter_state(state, source):
-    """{layer name: {key: tensor}} from a flat adapter state dict, checking every key."""
+    """({layer name: {key: tensor}}, {module trained in full: its state dict}) from a flat adapter
+    state dict, checking every key."""
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{source}: an adapter state must be a non-empty dict from adapter_state_dict()")
-    layers = {}
+    layers, full = {}, {}
     for full_key, tensor in state.items():
+        module, marker, rest = str(full_key).partition(f".{FULL}.")
         name, _, key = str(full_key).rpartition(".")
-        if key not in ADAPTER_KEYS or not name or not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{source}: unexpected entry {full_key!r}; keys end in one of {ADAPTER_KEYS}")
-        layers.setdefault(name, {})[key] = tensor
+        if not isinstance(tensor, torch.Tensor) or not (marker and module and rest or key in ADAPTER_KEYS and name):
+            raise ValueError(f"{source}: unexpected entry {full_key!r}; keys end in one of {ADAPTER_KEYS}, "
+                             f"or are '{{module}}.{FULL}.{{key}}'")
+        if marker:
+            full.setdefault(module, {})[rest] = tensor
+        else:
+            layers.setdefault(name, {})[key] = tensor
     for name, parts in layers.items():
         missing = [k for k in ADAPTER_KEYS if k not in parts]
         if missing:
             raise ValueError(f"{source}: layer {name} lacks {', '.join(missing)}")
-    return layers
+    return layers, full
 
 
-def _check_adapter_layer(model, name, parts, source):
-    """Raise unless model.<name> is a plain nn.Linear or Conv1D-style layer the adapter factors fit."""
+def _submodule(model, name, source):
+    """model.<name>, or a ValueError saying the adapter does not fit this model."""
     try:
-        mod = model.get_submodule(name)
+        return model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{source} has layer {name}, which this model lacks; is it the right base model?") from None
-    if _base_weight(mod) is None:
-        raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not a plain nn.Linear "
-                        "or Conv1D-style base layer")
+
+
+def _check_adapter_layer(model, name, parts, source, read_directly):
+    """Raise unless model.<name> is an nn.Linear or Conv1D-style layer the adapter factors fit."""
+    mod = _submodule(model, name, source)
+    if _base_weight(mod) is None or name in read_directly:
+        raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not an nn.Linear "
+                        "or Conv1D-style base layer that its parent calls")
     m, n = _base_weight(mod).shape
     r = parts["S_p"].shape[0] if parts["S_p"].dim() == 1 else -1
     shape_of = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}  # the initial U_p0, S_p0, Vt_p0 alike
@@ -872,6 +957,33 @@ def _check_adapter_layer(model, name, parts, source):
     for key in ADAPTER_KEYS:
         if not parts[key].is_floating_point() or not torch.isfinite(parts[key]).all():
             raise ValueError(f"{source}: tensor {name}.{key} is not finite floating point data")
+
+
+def _check_base(W_0, parts, where):
+    """Raise unless W_0 (m, n) is the weight the adapter was made from: its initial factors are W_0's
+    top-r singular triplets, so ||U_p0^T W_0 V_p0 - diag(S_p0)||_F / ||S_p0|| is ~0 there (bf16
+    rounding: ~1e-3) and ~1 for another model's weight of the same shape."""
+    if W_0.is_meta:
+        return
+    cd = _wide(W_0.dtype, parts["U_p0"].dtype)
+    U0, S0, Vt0 = (parts[k].to(W_0.device, cd) for k in ("U_p0", "S_p0", "Vt_p0"))
+    with torch.no_grad(), _full_float32():
+        projected = (U0.mT @ W_0.to(cd)) @ Vt0.mT  # (r, r): diag(S_p0) for the right base
+        error = (torch.linalg.matrix_norm(projected - torch.diag(S0)) / torch.linalg.vector_norm(S0)).item()
+    if not error <= BASE_TOLERANCE:
+        raise ValueError(f"{where} does not hold the weight the adapter was made from: ||U_p0^T W_0 V_p0 - "
+                         f"diag(S_p0)||_F / ||S_p0|| = {error:.3g}, above {BASE_TOLERANCE} (the same base in bf16 "
+                         "gives ~1e-3). Is it the right base model? Nothing was changed; load_adapter(..., "
+                         "check_base=False) puts it on a different base deliberately")
+
+
+def _check_full_module(model, name, parts, source):
+    """Raise unless model.<name> has exactly the saved state's keys and shapes (a module trained in full)."""
+    own = _submodule(model, name, source).state_dict()
+    if own.keys() != parts.keys() or any(own[k].shape != parts[k].shape for k in own):
+        raise ValueError(f"{source}: module {name}, trained in full, has keys and shapes "
+                         f"{ {k: tuple(v.shape) for k, v in parts.items()} } but this model's is "
+                         f"{ {k: tuple(v.shape) for k, v in own.items()} }; is it the right base model?")
 
 
 # ----------------------------------------------------------------------------- glue: DDP, FSDP2, torch.compile

@@ -121,10 +121,10 @@ def toy_model(seed=0, d=12, h=20, blocks=2, dtype=torch.float64, device="cpu"):
     return nn.Sequential(*[Block(d, h) for _ in range(blocks)]).to(device=device, dtype=dtype)
 
 
-def train_steps(model, x, steps=5, lr=1e-2, gamma=0.0):
-    """A few AdamW steps on a random regression target, so that the factors move."""
+def train_steps(model, x, steps=5, lr=1e-2, gamma=0.0, target=None):
+    """A few AdamW steps on a regression target (default sin(3 x)), so that the factors move."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
-    target = torch.sin(3 * x)
+    target = torch.sin(3 * x) if target is None else target
     for _ in range(steps):
         loss = sorsa_loss(((model(x) - target) ** 2).float().mean(), model, gamma, lr)
         opt.zero_grad()
@@ -700,6 +700,46 @@ def test_cosine_schedule_is_linear_warmup_then_half_cosine_to_zero(total, warmup
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) or total <= warmup
 
 
+def authors_cosine(step, total, warmup_ratio):
+    """The authors' schedule written out: transformers' get_cosine_schedule_with_warmup with
+    TrainingArguments' ceil(total * warmup_ratio) warm-up steps (num_cycles 0.5)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+@given(st.integers(1, 3000), st.floats(0.0, 0.3))
+def test_cosine_schedule_is_the_authors_without_their_zero_first_step(total, warmup_ratio):
+    """Documented difference (README, "The paper's gamma"): the warm-up counts, max(1, round(0.03 T))
+    here and ceil(0.03 T) there, differ by at most one step; where they agree, ours at step s is the
+    authors' at s + 1 during warm-up (theirs starts at lr 0) and equal to it, bit for bit, after."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = sorsa.cosine_schedule(opt, total, warmup_ratio)
+    ours = []
+    for _ in range(total + 1):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    warmup, theirs = max(1, round(warmup_ratio * total)), math.ceil(total * warmup_ratio)
+    assert abs(warmup - theirs) <= 1
+    if warmup == theirs:
+        assert ours == [authors_cosine(s + 1 if s < warmup else s, total, warmup_ratio) for s in range(total + 1)]
+
+
+def test_the_written_out_authors_schedule_is_transformers_own():
+    """authors_cosine against transformers itself (skipped where transformers is not installed)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: skipped")
+    for total in (100, 300, 781):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = transformers.get_cosine_schedule_with_warmup(opt, math.ceil(total * 0.03), total)
+        for step in range(total + 1):
+            assert opt.param_groups[0]["lr"] == authors_cosine(step, total, 0.03)
+            opt.step()
+            schedule.step()
+
+
 # ----------------------------------------------------------------------------- merge
 
 
@@ -920,6 +960,9 @@ def apply_peft_directory_by_hand(base, directory):
         delta = B @ A if type(layer) is not Conv1D else (B @ A).T  # PEFT transposes for a Conv1D base
         with torch.no_grad():
             layer.weight.add_(scaling * delta.to(layer.weight.dtype))
+    for name in config["modules_to_save"] or []:  # replaced whole by the saved module
+        prefix = f"base_model.model.{name}."
+        model.get_submodule(name).load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     return model
 
 
@@ -988,6 +1031,177 @@ class GPT2Like(nn.Module):
 def gpt2_like(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return GPT2Like().to(dtype)
+
+
+class PlainLinearSubclass(nn.Linear):
+    """A stand-in for Falcon's FalconLinear: an nn.Linear subclass whose forward writes out x W^T + b."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class SubclassWithOwnInit(nn.Linear):
+    def __init__(self, n, m):
+        super().__init__(n, m)
+
+
+class SubclassModel(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.own, self.up = PlainLinearSubclass(d, d), SubclassWithOwnInit(d, d), nn.Linear(d, d)
+        self.attn = nn.MultiheadAttention(d, 2)
+
+    def forward(self, x):
+        h = self.up(self.own(torch.tanh(self.q(x))))
+        return h + self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_linear_subclasses_are_adapted_by_default_and_by_name_and_merge_back_to_their_class():
+    """Every nn.Linear subclass is adapted (Falcon's), but the out_proj whose weight its parent
+    nn.MultiheadAttention reads directly; merging gives back the subclass where it keeps nn.Linear's
+    constructor, else a plain nn.Linear with the same weight."""
+    torch.manual_seed(0)
+    base = SubclassModel().double()
+    x = rand(5, 8, seed=1)
+    for targets in (None, ["q", "own", "up"]):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert apply_sorsa(model, 3, targets) == ["q", "own", "up"]
+        assert [str(w.message) for w in record] == ([] if targets else [
+            "apply_sorsa adapted every linear layer but attn.out_proj (NonDynamicallyQuantizableLinear, whose "
+            "weight its parent nn.MultiheadAttention reads directly)"])
+        assert isinstance(model.q, SORSALinear) and model.q.base_type is PlainLinearSubclass
+        with torch.no_grad():
+            assert close_outputs(model(x), base(x), torch.float64)
+        train_steps(model, x, gamma=1e-3)
+        with torch.no_grad():
+            y = model(x)
+            merge_sorsa(model)
+            assert type(model.q) is PlainLinearSubclass and type(model.own) is nn.Linear and type(model.up) is nn.Linear
+            assert close_outputs(model(x), y, torch.float64)
+
+
+class Classifier(nn.Module):
+    """A sequence classifier in miniature: a body of linear layers and a new head of `labels` outputs."""
+
+    def __init__(self, d=12, labels=2):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+        self.classifier = nn.Linear(d, labels)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.body(x)))
+
+
+def classifier(seed=0, labels=2, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Classifier(labels=labels).to(dtype)
+
+
+def test_the_default_targets_skip_a_head_narrower_than_the_rank_and_name_it():
+    model = classifier(labels=2)
+    with pytest.warns(UserWarning, match=r"but classifier \(rank 4 is above its 2 outputs: a new classification "
+                                         r"head trains in full with modules_to_save\)"):
+        assert apply_sorsa(model, 4) == ["body.0", "body.2"]
+    assert type(model.classifier) is nn.Linear and not model.classifier.weight.requires_grad
+    with pytest.raises(ValueError, match=r"rank 4 is outside \[1, min\(out, in\)\] = \[1, 2\] for layer classifier"):
+        apply_sorsa(classifier(labels=2), 4, ["classifier"])  # named: an error, as before
+
+
+def test_a_head_that_trains_in_full_travels_with_the_adapter_and_the_peft_export(tmp_path):
+    """modules_to_save=["classifier"]: the head is not split, trains in full, and save_adapter /
+    load_adapter and save_lora (PEFT's modules_to_save) carry it, so each reproduces the model."""
+    base = classifier(seed=3, labels=4)  # 4 labels: rank 4 fits, and the head is still not split
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert apply_sorsa(model, 4, modules_to_save=["classifier"]) == ["body.0", "body.2"]
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.requires_grad
+    assert [name for name, _ in sorsa.full_modules(model)] == ["classifier"]
+    x = rand(6, 12, seed=4)
+    train_steps(model, x, gamma=1e-3, target=rand(6, 4, seed=5))
+    assert not torch.equal(model.classifier.weight, base.classifier.weight)  # it trained
+    state = adapter_state_dict(model)
+    assert {k for k in state if ".modules_to_save." in k} == {"classifier.modules_to_save.weight",
+                                                              "classifier.modules_to_save.bias"}
+    save_adapter(model, tmp_path / "adapter.pt")
+    loaded = copy.deepcopy(base)
+    assert load_adapter(loaded, tmp_path / "adapter.pt") == ["body.0", "body.2"]
+    assert loaded.classifier.weight.requires_grad and [n for n, _ in sorsa.full_modules(loaded)] == ["classifier"]
+    save_lora(model, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["target_modules"] == ["body.0", "body.2"]
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(loaded(x), y)
+        assert close_outputs(apply_peft_directory_by_hand(base, tmp_path / "lora")(x), y, torch.float64)
+
+
+def test_bad_modules_to_save_are_refused_before_anything_changes():
+    model = classifier(labels=4)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save 'head' matches no module"):
+        apply_sorsa(model, 2, modules_to_save=["head"])
+    with pytest.raises(ValueError, match="classifier matches the targets but is in classifier, which trains in full"):
+        apply_sorsa(model, 2, ["body.0", "classifier"], modules_to_save="classifier")
+    with pytest.raises(TypeError, match="modules_to_save must be None, a name or a list of names"):
+        apply_sorsa(model, 2, modules_to_save=[3])
+    assert_unchanged(model, snap)
+
+
+def adapter_of(seed, rank=3, dtype=torch.float64):
+    """(base model, the adapter state of it after a few training steps)."""
+    base, model, _ = trained_pair(seed, dtype, rank=rank)
+    return base, adapter_state_dict(model)
+
+
+@given(st.integers(0, 2**20), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.integers(1, 12))
+def test_load_adapter_accepts_its_own_base_in_any_dtype(seed, dtype, r):
+    """The base check: U_p0^T W_0 V_p0 = diag(S_p0) within BASE_TOLERANCE for the weight the adapter was
+    made from, whether that weight is loaded in float32, bf16 or fp16 (d = 12, any rank)."""
+    torch.manual_seed(seed)
+    base = toy_model(seed, dtype=torch.float32)
+    model = copy.deepcopy(base)
+    apply_sorsa(model, r, ["q_proj", "down"])
+    loaded = copy.deepcopy(base).to(dtype)
+    assert load_adapter(loaded, adapter_state_dict(model)) == ["0.q_proj", "0.down", "1.q_proj", "1.down"]
+
+
+def test_load_adapter_refuses_another_base_naming_the_layer_and_changes_nothing():
+    _, state = adapter_of(0)
+    other = toy_model(1)  # the same architecture, other weights
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=r"the adapter state: layer 0.q_proj does not hold the weight the adapter "
+                                         r"was made from: \|\|U_p0\^T W_0 V_p0 - diag\(S_p0\)\|\|_F / \|\|S_p0\|\| = "
+                                         r"[0-9.]+, above 0.05") as err:
+        load_adapter(other, state)
+    assert float(re.search(r"= ([0-9.e-]+), above", str(err.value)).group(1)) > 0.3
+    assert_unchanged(other, snap)
+    assert len(load_adapter(other, state, check_base=False)) == 6  # deliberately
+
+
+class PeftLinear(nn.Linear):
+    """A stand-in for a PEFT tuner layer: what apply_sorsa sees in a model get_peft_model wrapped."""
+
+
+PeftLinear.__module__ = "peft.tuners.lora.layer"
+PeftModelForCausalLM = type("PeftModelForCausalLM", (nn.Module,), {"__module__": "peft.peft_model"})
+
+
+def test_another_adapter_methods_model_is_refused_naming_what_was_found():
+    model = toy_model()
+    model[0].q_proj = PeftLinear(12, 12).double()
+    wrapped = PeftModelForCausalLM()
+    wrapped.base_model = toy_model()
+    for m, found in ((model, "PEFT's PeftLinear"), (wrapped, "PEFT's PeftModelForCausalLM")):
+        snap = snapshot(m)
+        with pytest.raises(TypeError, match=f"apply_sorsa needs the base model, but this one holds {found}"):
+            apply_sorsa(m, 2)
+        with pytest.raises(TypeError, match=f"load_adapter needs the base model, but this one holds {found}"):
+            load_adapter(m, adapter_of(0)[1])
+        assert_unchanged(m, snap)
 
 
 @given(split_cases(dtypes=[torch.float64, torch.float32]))
@@ -1358,8 +1572,8 @@ def adapted_model():
     (adapted_model, lambda m: apply_sorsa(m, 2), ValueError, "already has SORSA"),
     (nan_model, lambda m: apply_sorsa(m, 2), ValueError, "NaN or Inf"),
     (int_model, lambda m: apply_sorsa(m, 2), TypeError, "torch.int64"),
-    (tied_model, lambda m: apply_sorsa(m, 2, ["1"]), ValueError, "1.weight is tied to 0.weight"),
-    (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, not"),
+    (tied_model, lambda m: apply_sorsa(m, 2, ["1"]), ValueError, "1 matches the targets but is tied to 0.weight"),
+    (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, whose weight"),
     (toy_model, lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
     (toy_model, lambda m: load_adapter(nn.DataParallel(m), {}), TypeError, "call load_adapter on the plain model first"),
 ])
