@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import stat
+import textwrap
 import warnings
 
 import numpy as np
@@ -1285,6 +1286,106 @@ def test_peft_loads_the_export_of_a_gpt2_model_and_reproduces_it(tmp_path):
         model.save_pretrained(tmp_path / "merged")
         again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
         assert torch.allclose(again(idx).logits, y, atol=1e-4)
+
+
+def test_a_real_falcon_is_adapted_by_default_and_merges_back_to_falcon_linear():
+    """Falcon's projections are FalconLinear, an nn.Linear subclass (skipped where transformers is missing)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: Falcon is skipped")
+    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    torch.manual_seed(0)
+    base = transformers.FalconForCausalLM(config).eval()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="lm_head"):
+        names = apply_sorsa(model, 4)
+    assert len(names) == 8 and all(sorsa.sorsa_modules(model)[i][1].base_type.__name__ == "FalconLinear" for i in range(8))
+    idx = torch.arange(16).view(2, 8)
+    with torch.no_grad():
+        assert torch.allclose(model(idx).logits, base(idx).logits, atol=1e-5)
+        merge_sorsa(model)
+        assert {type(m).__name__ for n, m in model.named_modules() if n in names} == {"FalconLinear"}
+        assert torch.allclose(model(idx).logits, base(idx).logits, atol=1e-5)
+
+
+def test_a_real_bert_classifier_trains_its_head_in_full_and_peft_reproduces_it(tmp_path):
+    """BERT for sequence classification with 2 labels: the default skips the head, naming it;
+    modules_to_save=["classifier"] trains it in full, and PEFT loads the export with it."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: BERT is skipped")
+    peft = pytest.importorskip("peft", reason="peft is not installed: the load through PEFT is skipped")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=64, num_labels=2)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config).eval()
+    with pytest.warns(UserWarning, match=r"classifier \(rank 4 is above its 2 outputs"):
+        apply_sorsa(copy.deepcopy(base), 4)
+    model = copy.deepcopy(base)
+    apply_sorsa(model, 4, modules_to_save=["classifier"])
+    idx, labels = torch.arange(16).view(2, 8), torch.tensor([0, 1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+    for _ in range(5):
+        loss = model(idx, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_lora(model, tmp_path / "lora")
+    with torch.no_grad():
+        model.eval()
+        y = model(idx).logits
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).eval()
+        assert not torch.allclose(base(idx).logits, y, atol=1e-3)  # it trained
+        assert torch.allclose(loaded(idx).logits, y, atol=1e-5)
+
+
+def readme_block(marker):
+    """The README's python block that contains `marker`."""
+    readme = (pathlib.Path(__file__).parent / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    return textwrap.dedent(next(block for block in blocks if marker in block))  # a block in a list is indented
+
+
+def test_the_readme_trainer_callback_adds_the_regularizer_once_per_optimizer_step_after_the_clip(tmp_path):
+    """Hugging Face's Trainer with the README's callback, gradient accumulation 2 and a clip that bites
+    (max_grad_norm 0.01): at each optimizer step the callback runs once, sees the clipped task gradient,
+    and adds (gamma / lr) grad L_reg to it unclipped; each checkpoint gets an adapter that reproduces the model."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: the Trainer is skipped")
+    namespace = {}
+    exec(readme_block("class SORSACallback"), namespace)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.warns(UserWarning, match="lm_head"):
+        apply_sorsa(model, 4)
+    with torch.no_grad():  # off orthonormality, so that the regularizer has a gradient to add
+        for _, layer in sorsa.sorsa_modules(model):
+            layer.U_p.add_(0.05 * torch.randn_like(layer.U_p))
+    params = [p for p in model.parameters() if p.requires_grad]
+    gamma, lr, seen = 4e-4, 1e-3, []
+
+    class Checked(namespace["SORSACallback"]):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            clipped = [p.grad.clone() for p in params]
+            g_reg = torch.autograd.grad((gamma / lr) * sorsa.orthonormal_regularizer(model), params, allow_unused=True,
+                                        materialize_grads=True)
+            super().on_pre_optimizer_step(args, state, control, **kwargs)
+            seen.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in clipped])).item())
+            for p, c, g in zip(params, clipped, g_reg):
+                assert torch.allclose(p.grad, c + g, rtol=1e-5, atol=1e-7)
+
+    data = [{"input_ids": torch.arange(8) + i, "labels": torch.arange(8) + i} for i in range(12)]
+    args = transformers.TrainingArguments(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                          max_steps=3, max_grad_norm=0.01, learning_rate=lr, weight_decay=0.0,
+                                          report_to=[], logging_strategy="no", save_strategy="steps", save_steps=3,
+                                          use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[Checked(gamma)])
+    trainer.train()
+    assert len(seen) == trainer.state.global_step == 3  # once per optimizer step, not per micro-batch
+    assert max(seen) <= 0.01 * (1 + 1e-4)  # after the clip
+    torch.manual_seed(0)
+    loaded = transformers.LlamaForCausalLM(config)  # the same base, rebuilt
+    load_adapter(loaded, tmp_path / "checkpoint-3" / "sorsa_adapter.pt")
+    idx = torch.arange(8).view(1, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(idx).logits, model(idx).logits, atol=1e-5)
 
 
 class T5DenseActDense(nn.Module):
