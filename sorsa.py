@@ -293,8 +293,9 @@ def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
     """L_reg: Eq. 4, ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F, for every layer; a scalar.
 
     reduction="mean" (default) divides the sum of the 2 L norms of L layers by 2 L, as the
-    authors' code does: the paper's gamma was tuned on that scale, so gamma = 4e-4 at
-    lr_max = 3e-5 is the paper's setting whatever the number of layers. reduction="sum" adds
+    authors' code does: the paper's gamma was tuned on that scale, so it keeps its meaning
+    whatever the number of layers (README: nominal 4e-4, effective 6.25e-6 at lr_max = 3e-5).
+    reduction="sum" adds
     Eq. 4 over the layers as Eq. 5 is written: 2 L times the mean, the same gradient direction.
 
     Read it per layer as Eq. 4; it is computed per factor shape: each layer's U_p (m, r)
@@ -330,7 +331,7 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"
     same schedule: one optimizer and one scheduler drive both terms. For plain SGD this is
     exact; adaptive optimizers (AdamW) rescale the summed gradient, as in the paper.
 
-        loss = sorsa_loss(task_loss, model, gamma=4e-4, lr_max=3e-5)  # the paper's values
+        loss = sorsa_loss(task_loss, model, gamma=6.25e-6, lr_max=3e-5)  # the paper's effective weight
         loss.backward(); clip_grad_norm_(params, 1.0); optimizer.step(); scheduler.step()
 
     Clipping after this backward scales both terms together; the authors' trainer clips the
@@ -351,9 +352,11 @@ def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
     return L_reg, detached. The authors' order: the task gradient is clipped, the regularizer's not.
 
         task_loss.backward(); clip_grad_norm_(params, 1.0)
-        add_regularizer_grad(model, gamma=4e-4, lr_max=3e-5); optimizer.step(); scheduler.step()
+        add_regularizer_grad(model, gamma=6.25e-6, lr_max=3e-5); optimizer.step(); scheduler.step()
 
-    With gradient accumulation, call it once per optimizer step, after the last micro-batch.
+    With gradient accumulation, call it once per optimizer step, after the last micro-batch:
+    nothing divides it by the accumulation count (the authors' trainer did, which made their
+    nominal gamma 4e-4 an effective 6.25e-6 at 64 steps; README, "The paper's gamma").
     Under DDP its gradient is not all-reduced, and need not be: every rank holds the same factors.
     """
     _check_model_type(model, "model")
@@ -815,6 +818,23 @@ def _read_directly(model):
             if isinstance(mod, nn.MultiheadAttention) for child, _ in mod.named_children()}
 
 
+def _computes_linear(layer):
+    """Whether a layer computes x W^T + b: true of nn.Linear's own forward; an nn.Linear subclass with
+    its own forward (Falcon's FalconLinear) is run on a seeded probe input and compared with F.linear
+    (a router or a quantized layer does not match). On the meta device it cannot be told: true."""
+    if not isinstance(layer, nn.Linear) or type(layer).forward is nn.Linear.forward or layer.weight.is_meta:
+        return True
+    W = layer.weight
+    x = torch.randn(2, layer.in_features, generator=torch.Generator(device=W.device).manual_seed(0), device=W.device)
+    try:
+        with torch.no_grad():
+            y, expected = layer(x.to(W.dtype)), F.linear(x.to(W.dtype), W, layer.bias)
+    except Exception:  # a weight F.linear cannot use (float8, int8) or a forward that wants more
+        return False
+    return (isinstance(y, torch.Tensor) and y.shape == expected.shape and
+            torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * expected.float().abs().max().item() + 1e-30))
+
+
 def _select_full(model, modules_to_save):
     """Names of the modules that train in full, one per pattern in modules_to_save (matched as targets)."""
     patterns = () if modules_to_save is None else _normalize_targets(modules_to_save, "modules_to_save")
@@ -830,8 +850,9 @@ def _select_full(model, modules_to_save):
 def _select_targets(model, rank, targets, full=()):
     """Names of the layers to adapt, after checking every one of them and every pattern.
 
-    Adaptable: every nn.Linear (subclasses too) and Conv1D-style layer, but one whose parent reads its
-    weight instead of calling it (nn.MultiheadAttention's out_proj). targets None: every adaptable
+    Adaptable: every layer that computes x W^T + b with its weight (nn.Linear, a subclass that is
+    checked to, a Conv1D-style layer) and that its parent calls rather than reading the weight itself
+    (nn.MultiheadAttention's out_proj does not). targets None: every adaptable
     layer but the output head, tied weights, layers with fewer outputs than the rank (a classification
     head of a few labels), each named in one warning with why, and layers inside the modules that
     train in full (`full`)."""
@@ -863,8 +884,10 @@ def _select_targets(model, rank, targets, full=()):
         tied = [o for o in owners.get(id(mod.weight), []) if o != f"{name}.weight"]
         inside = [f for f in full if name == f or name.startswith(f + ".")]
         m, n = W_0.shape
-        problem = (f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
-                   if name in read_directly else
+        unfit = (f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
+                 if name in read_directly else None if _computes_linear(mod) else
+                 f"{type(mod).__name__}, whose forward is not x W^T + b")
+        problem = (unfit if unfit else
                    f"in {inside[0]}, which trains in full" if inside else
                    "the output head" if targets is None and name in heads else
                    f"tied to {', '.join(tied)}" if tied else
@@ -877,7 +900,7 @@ def _select_targets(model, rank, targets, full=()):
                 skipped.append(f"{name} ({problem})")
                 continue
         elif problem:
-            raise (TypeError if name in read_directly else ValueError)(
+            raise (TypeError if unfit else ValueError)(
                 f"{name} matches the targets but is {problem}; exclude it from target_modules")
         where = f" for layer {name}"
         _check_weight(W_0, where)
@@ -940,9 +963,9 @@ def _submodule(model, name, source):
 def _check_adapter_layer(model, name, parts, source, read_directly):
     """Raise unless model.<name> is an nn.Linear or Conv1D-style layer the adapter factors fit."""
     mod = _submodule(model, name, source)
-    if _base_weight(mod) is None or name in read_directly:
-        raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not an nn.Linear "
-                        "or Conv1D-style base layer that its parent calls")
+    if _base_weight(mod) is None or name in read_directly or not _computes_linear(mod):
+        raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not a layer computing "
+                        "x W^T + b (nn.Linear or Conv1D-style) that its parent calls")
     m, n = _base_weight(mod).shape
     r = parts["S_p"].shape[0] if parts["S_p"].dim() == 1 else -1
     shape_of = {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}  # the initial U_p0, S_p0, Vt_p0 alike

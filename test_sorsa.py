@@ -368,6 +368,24 @@ def test_split_regularizer_and_merge_are_full_float32_when_the_caller_allows_tf3
         assert torch.equal(a, b)
 
 
+def test_the_readme_authors_fp32_recipe_keeps_W_r_in_bf16_and_trains_float32_factors_under_autocast():
+    """The README's cast of each W_r to bf16 after a float32 split: the forward under bf16 autocast
+    stays within bf16 rounding of the float32 model, and every factor, float32, gets a gradient."""
+    base = toy_model(0, dtype=torch.float32)
+    model = copy.deepcopy(base)
+    code = readme_block("layer.W_r.data").replace("128", "3")  # rank 3 on this small model
+    exec(code, {"sorsa": sorsa, "torch": torch, "model": model,
+                                          "targets": ["q_proj", "v_proj", "down"]})
+    layers = [layer for _, layer in sorsa.sorsa_modules(model)]
+    assert len(layers) == 6 and all(l.W_r.dtype == torch.bfloat16 and l.U_p.dtype == torch.float32 for l in layers)
+    x = rand(4, 12, seed=1, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert torch.allclose(y.float(), base(x), atol=32 * eps(torch.bfloat16) * base(x).abs().max().item())
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for l in layers for p in (l.U_p, l.S_p, l.Vt_p))
+
+
 @CUDA
 @pytest.mark.parametrize("niter", [None, 4])
 def test_a_4096_layer_under_tf32_starts_orthonormal_and_exact_to_float32(niter):
@@ -1047,21 +1065,28 @@ class SubclassWithOwnInit(nn.Linear):
         super().__init__(n, m)
 
 
+class RouterLike(nn.Linear):
+    """A stand-in for an MoE router (Llama 4's, PhiMoE's): an nn.Linear subclass that is not x W^T + b."""
+
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=-1)
+
+
 class SubclassModel(nn.Module):
     def __init__(self, d=8):
         super().__init__()
         self.q, self.own, self.up = PlainLinearSubclass(d, d), SubclassWithOwnInit(d, d), nn.Linear(d, d)
-        self.attn = nn.MultiheadAttention(d, 2)
+        self.attn, self.router = nn.MultiheadAttention(d, 2), RouterLike(d, d)
 
     def forward(self, x):
         h = self.up(self.own(torch.tanh(self.q(x))))
-        return h + self.attn(h, h, h, need_weights=False)[0]
+        return (h + self.attn(h, h, h, need_weights=False)[0]) * self.router(h)
 
 
 def test_linear_subclasses_are_adapted_by_default_and_by_name_and_merge_back_to_their_class():
-    """Every nn.Linear subclass is adapted (Falcon's), but the out_proj whose weight its parent
-    nn.MultiheadAttention reads directly; merging gives back the subclass where it keeps nn.Linear's
-    constructor, else a plain nn.Linear with the same weight."""
+    """An nn.Linear subclass that computes x W^T + b is adapted (Falcon's), one that does not (a
+    router) is not, nor the out_proj whose weight its parent nn.MultiheadAttention reads directly;
+    merging gives back the subclass where it keeps nn.Linear's constructor, else a plain nn.Linear."""
     torch.manual_seed(0)
     base = SubclassModel().double()
     x = rand(5, 8, seed=1)
@@ -1072,7 +1097,8 @@ def test_linear_subclasses_are_adapted_by_default_and_by_name_and_merge_back_to_
             assert apply_sorsa(model, 3, targets) == ["q", "own", "up"]
         assert [str(w.message) for w in record] == ([] if targets else [
             "apply_sorsa adapted every linear layer but attn.out_proj (NonDynamicallyQuantizableLinear, whose "
-            "weight its parent nn.MultiheadAttention reads directly)"])
+            "weight its parent nn.MultiheadAttention reads directly); router (RouterLike, whose forward is not "
+            "x W^T + b)"])
         assert isinstance(model.q, SORSALinear) and model.q.base_type is PlainLinearSubclass
         with torch.no_grad():
             assert close_outputs(model(x), base(x), torch.float64)
@@ -1082,6 +1108,10 @@ def test_linear_subclasses_are_adapted_by_default_and_by_name_and_merge_back_to_
             merge_sorsa(model)
             assert type(model.q) is PlainLinearSubclass and type(model.own) is nn.Linear and type(model.up) is nn.Linear
             assert close_outputs(model(x), y, torch.float64)
+    for target, words in (("router", "RouterLike, whose forward is not x W^T + b"),
+                          ("out_proj", "whose weight its parent nn.MultiheadAttention reads directly")):
+        with pytest.raises(TypeError, match=f"{target} matches the targets but is .*{re.escape(words)}"):
+            apply_sorsa(copy.deepcopy(base), 3, [target])
 
 
 class Classifier(nn.Module):

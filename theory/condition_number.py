@@ -40,7 +40,7 @@ class Task:
     steps: int = 300
     batch: int = 64
     lr: float = 1e-3  # eta_d, the schedule's peak
-    gamma_over_lr: float = 4e-4 / 3e-5  # the paper's ratio, gamma 4e-4 at lr 3e-5 (Table 3), on the mean
+    gamma_over_lr: float = 4e-4 / 3e-5  # the paper's nominal ratio, gamma 4e-4 at lr 3e-5 (Table 3), on the mean
 
 
 CHECKPOINTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # fractions of training at which runs are compared
@@ -183,7 +183,9 @@ def equal_fit(task, seeds, gamma, every=1):
 
 
 KEYS = ("misfit", "kappa_Wp", "kappa_U", "kappa_V", "delta_sigma", "delta_d")
-GAMMA_OVER_LR = (0.02, 0.2, Task.gamma_over_lr)  # on the mean; the last is the paper's ratio
+# On the mean. 0.2 is within 4% of the weight the paper's runs had (0.208: their trainer divided the nominal
+# 13.3 by 64 accumulation steps; README, "The paper's gamma"); 13.3, the last, is the nominal ratio as written.
+GAMMA_OVER_LR = (0.02, 0.2, Task.gamma_over_lr)
 
 
 def main(tasks=30):
