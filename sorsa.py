@@ -1,6 +1,7 @@
 """SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation.
 
 Reference implementation of arXiv:2409.00055, in one file that needs only torch (>= 2.9).
+MIT License (see LICENSE): copy it into your own code.
 
 The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in)):
 

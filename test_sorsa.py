@@ -1290,6 +1290,16 @@ def test_gpt2_style_model_adapts_by_default_trains_saves_loads_and_merges_to_its
         assert torch.allclose(reloaded(idx), y, atol=1e-10)
 
 
+def train_hf(model, idx, labels, steps=5):
+    """A few AdamW steps of a Hugging Face model on its own loss, so that what trains moves."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+    for _ in range(steps):
+        loss = model(idx, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_peft_loads_the_export_of_a_gpt2_model_and_reproduces_it(tmp_path):
     """The real thing, where transformers and peft are installed: GPT-2 from a small random config."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: GPT-2 is skipped")
@@ -1301,12 +1311,7 @@ def test_peft_loads_the_export_of_a_gpt2_model_and_reproduces_it(tmp_path):
     with pytest.warns(UserWarning, match="lm_head"):
         apply_sorsa(model, 4)
     idx = torch.arange(16).view(2, 8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    for _ in range(5):
-        loss = model(idx, labels=idx).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_hf(model, idx, idx)
     save_lora(model, tmp_path / "lora")
     with torch.no_grad():
         y = model(idx).logits
@@ -1349,13 +1354,8 @@ def test_a_real_bert_classifier_trains_its_head_in_full_and_peft_reproduces_it(t
         apply_sorsa(copy.deepcopy(base), 4)
     model = copy.deepcopy(base)
     apply_sorsa(model, 4, modules_to_save=["classifier"])
-    idx, labels = torch.arange(16).view(2, 8), torch.tensor([0, 1])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    for _ in range(5):
-        loss = model(idx, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    idx = torch.arange(16).view(2, 8)
+    train_hf(model, idx, torch.tensor([0, 1]))
     save_lora(model, tmp_path / "lora")
     with torch.no_grad():
         model.eval()
