@@ -296,8 +296,8 @@ def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
     reduction="mean" (default) divides the sum of the 2 L norms of L layers by 2 L, as the
     authors' code does: the paper's gamma was tuned on that scale, so it keeps its meaning
     whatever the number of layers (README: nominal 4e-4, effective 6.25e-6 at lr_max = 3e-5).
-    reduction="sum" adds
-    Eq. 4 over the layers as Eq. 5 is written: 2 L times the mean, the same gradient direction.
+    reduction="sum" adds Eq. 4 over the layers as Eq. 5 is written: 2 L times the mean, the
+    same gradient direction.
 
     Read it per layer as Eq. 4; it is computed per factor shape: each layer's U_p (m, r)
     and Vt_p^T (n, r) is a matrix F whose Gram matrix F^T F should be I, and all the F of
@@ -439,11 +439,12 @@ def full_modules(model):
 def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None, modules_to_save=None):
     """Replace matching linear layers by SORSA layers in place, freeze the rest; return their names.
 
-    target_modules: None (or "all-linear") for every nn.Linear (subclasses too) and Conv1D-style
-    layer but the output head (lm_head, get_output_embeddings()), tied weights, layers with fewer
-    outputs than the rank (a classification head) and nn.MultiheadAttention's out_proj, which are
-    skipped with a warning naming them; or names such as ["q_proj", "v_proj"] matched against the end of each module name, each
-    of which must match, every layer matched must be adaptable. niter: see svd_split.
+    target_modules: None (or "all-linear") for every layer computing x W^T + b (nn.Linear, its
+    subclasses that do, Conv1D-style layers) but the output head (lm_head, get_output_embeddings()),
+    tied weights, layers with fewer outputs than the rank (a classification head) and
+    nn.MultiheadAttention's out_proj, which are skipped with a warning naming them; or names such
+    as ["q_proj", "v_proj"] matched against the end of each module name, each of which must
+    match, every layer matched must be adaptable. niter: see svd_split.
     factor_dtype: the trainable factors' dtype (default float32; float64 for float64 weights).
     modules_to_save: names of modules that train in full and travel with the adapter (a new
     classification head: ["classifier"]), as PEFT's option of that name.

@@ -13,7 +13,35 @@ from hypothesis import given, strategies as st
 
 from sorsa import SORSALinear, svd_split
 from test_sorsa import rand, split_cases
-from theory import condition_number, eq14, regularizer
+from theory import condition_number, eq14, gamma, regularizer
+
+
+# ----------------------------------------------------------------------------- the paper's gamma
+
+
+def test_the_gamma_script_pairs_the_two_weights_by_base_and_seed(monkeypatch):
+    """theory.gamma's paired table, on stand-in results of train_tiny.run: 0.208 is 0.4 plus 10
+    validation points on every (base, seed), seeds listed in different orders; the table must pair
+    them, find +10.0% on every base and pooled, and call it higher; test accuracy, equal, not established."""
+    import random
+    import train_tiny
+
+    def run(cfg):
+        shift = 0.1 if cfg.gamma_ratio == gamma.EFFECTIVE else 0.0
+        seeds = list(range(3, 13))
+        random.Random(cfg.gamma_ratio).shuffle(seeds)
+        final = {b: {"sorsa": {s: {"val_accuracy": 0.5 + 0.01 * s + b / 10 + shift, "accuracy": 0.3 + 0.02 * s,
+                                   "forget_loss": 1.0} for s in seeds}} for b in (0, 1, 2)}
+        return {"final": final}
+
+    monkeypatch.setattr(train_tiny, "run", run)
+    rows = gamma.paired_table().splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| base 0", "| base 1", "| base 2", "| pooled"]
+    for row in rows:
+        cells = row.split(" | ")
+        assert cells[1] == ("30" if "pooled" in row else "10")
+        assert cells[2] == "10.0% [10.0%, 10.0%], higher" and cells[3] == "0.0% [0.0%, 0.0%], not established"
+    assert gamma.EFFECTIVE == pytest.approx(0.208, abs=1e-3) and gamma.NOMINAL == pytest.approx(13.33, abs=0.01)
 
 
 # ----------------------------------------------------------------------------- Theorems 5.1-5.3
