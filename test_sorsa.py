@@ -374,8 +374,7 @@ def test_the_readme_authors_fp32_recipe_keeps_W_r_in_bf16_and_trains_float32_fac
     base = toy_model(0, dtype=torch.float32)
     model = copy.deepcopy(base)
     code = readme_block("layer.W_r.data").replace("128", "3")  # rank 3 on this small model
-    exec(code, {"sorsa": sorsa, "torch": torch, "model": model,
-                                          "targets": ["q_proj", "v_proj", "down"]})
+    exec(code, {"sorsa": sorsa, "torch": torch, "model": model, "targets": ["q_proj", "v_proj", "down"]})
     layers = [layer for _, layer in sorsa.sorsa_modules(model)]
     assert len(layers) == 6 and all(l.W_r.dtype == torch.bfloat16 and l.U_p.dtype == torch.float32 for l in layers)
     x = rand(4, 12, seed=1, dtype=torch.float32)
@@ -1192,7 +1191,6 @@ def adapter_of(seed, rank=3, dtype=torch.float64):
 def test_load_adapter_accepts_its_own_base_in_any_dtype(seed, dtype, r):
     """The base check: U_p0^T W_0 V_p0 = diag(S_p0) within BASE_TOLERANCE for the weight the adapter was
     made from, whether that weight is loaded in float32, bf16 or fp16 (d = 12, any rank)."""
-    torch.manual_seed(seed)
     base = toy_model(seed, dtype=torch.float32)
     model = copy.deepcopy(base)
     apply_sorsa(model, r, ["q_proj", "down"])
