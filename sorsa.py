@@ -295,7 +295,7 @@ def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
 
     reduction="mean" (default) divides the sum of the 2 L norms of L layers by 2 L, as the
     authors' code does: the paper's gamma was tuned on that scale, so it keeps its meaning
-    whatever the number of layers (README: nominal 4e-4, effective 6.25e-6 at lr_max = 3e-5).
+    whatever the number of layers (docs/gamma.md: nominal 4e-4, effective 6.25e-6 at lr_max = 3e-5).
     reduction="sum" adds Eq. 4 over the layers as Eq. 5 is written: 2 L times the mean, the
     same gradient direction.
 
@@ -357,7 +357,7 @@ def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
 
     With gradient accumulation, call it once per optimizer step, after the last micro-batch:
     nothing divides it by the accumulation count (the authors' trainer did, which made their
-    nominal gamma 4e-4 an effective 6.25e-6 at 64 steps; README, "The paper's gamma").
+    nominal gamma 4e-4 an effective 6.25e-6 at 64 steps; docs/gamma.md).
     Under DDP its gradient is not all-reduced, and need not be: every rank holds the same factors.
     """
     _check_model_type(model, "model")

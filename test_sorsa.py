@@ -325,7 +325,7 @@ def test_every_factor_entry_of_a_narrow_model_learns_at_the_papers_learning_rate
 
 
 class reduced_float32_matmuls:
-    """The caller's setting in the README's FP32 recipe: float32 matmuls may use TF32 (CUDA) or
+    """The caller's setting in the FP32 recipe (docs/scaling.md): float32 matmuls may use TF32 (CUDA) or
     bf16 passes (the CPU's oneDNN, where the CPU has them), i.e. precision 'medium'; undone after."""
 
     def __enter__(self):
@@ -369,11 +369,11 @@ def test_split_regularizer_and_merge_are_full_float32_when_the_caller_allows_tf3
 
 
 def test_the_readme_authors_fp32_recipe_keeps_W_r_in_bf16_and_trains_float32_factors_under_autocast():
-    """The README's cast of each W_r to bf16 after a float32 split: the forward under bf16 autocast
+    """docs/scaling.md's cast of each W_r to bf16 after a float32 split: the forward under bf16 autocast
     stays within bf16 rounding of the float32 model, and every factor, float32, gets a gradient."""
     base = toy_model(0, dtype=torch.float32)
     model = copy.deepcopy(base)
-    code = readme_block("layer.W_r.data").replace("128", "3")  # rank 3 on this small model
+    code = doc_block("layer.W_r.data").replace("128", "3")  # rank 3 on this small model
     exec(code, {"sorsa": sorsa, "torch": torch, "model": model, "targets": ["q_proj", "v_proj", "down"]})
     layers = [layer for _, layer in sorsa.sorsa_modules(model)]
     assert len(layers) == 6 and all(l.W_r.dtype == torch.bfloat16 and l.U_p.dtype == torch.float32 for l in layers)
@@ -388,7 +388,7 @@ def test_the_readme_authors_fp32_recipe_keeps_W_r_in_bf16_and_trains_float32_fac
 @CUDA
 @pytest.mark.parametrize("niter", [None, 4])
 def test_a_4096_layer_under_tf32_starts_orthonormal_and_exact_to_float32(niter):
-    """The README's FP32 + TF32 recipe on a 4096 x 4096 layer at r = 128: U_p, V_p orthonormal
+    """The FP32 + TF32 recipe (docs/scaling.md) on a 4096 x 4096 layer at r = 128: U_p, V_p orthonormal
     below 1e-5 (TF32 products gave 6e-4), W_r + W_p = W_0 to float32 (TF32: 9.7e-5 of ||W_0||),
     and the regularizer and the merge as exact. The checks themselves run in float64."""
     W = torch.randn(4096, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) / 64
@@ -730,7 +730,7 @@ def authors_cosine(step, total, warmup_ratio):
 
 @given(st.integers(1, 3000), st.floats(0.0, 0.3))
 def test_cosine_schedule_is_the_authors_without_their_zero_first_step(total, warmup_ratio):
-    """Documented difference (README, "The paper's gamma"): the warm-up counts, max(1, round(0.03 T))
+    """Documented difference (docs/gamma.md, "The schedule"): the warm-up counts, max(1, round(0.03 T))
     here and ceil(0.03 T) there, differ by at most one step; where they agree, ours at step s is the
     authors' at s + 1 during warm-up (theirs starts at lr 0) and equal to it, bit for bit, after."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -1363,20 +1363,21 @@ def test_a_real_bert_classifier_trains_its_head_in_full_and_peft_reproduces_it(t
         assert torch.allclose(loaded(idx).logits, y, atol=1e-5)
 
 
-def readme_block(marker):
-    """The README's python block that contains `marker`."""
-    readme = (pathlib.Path(__file__).parent / "README.md").read_text()
-    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+def doc_block(marker):
+    """The python block of README.md or docs/*.md that contains `marker`."""
+    root = pathlib.Path(__file__).parent
+    text = "".join(path.read_text() for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
     return textwrap.dedent(next(block for block in blocks if marker in block))  # a block in a list is indented
 
 
 def test_the_readme_trainer_callback_adds_the_regularizer_once_per_optimizer_step_after_the_clip(tmp_path):
-    """Hugging Face's Trainer with the README's callback, gradient accumulation 2 and a clip that bites
+    """Hugging Face's Trainer with the callback of docs/huggingface.md, gradient accumulation 2 and a clip that bites
     (max_grad_norm 0.01): at each optimizer step the callback runs once, sees the clipped task gradient,
     and adds (gamma / lr) grad L_reg to it unclipped; each checkpoint gets an adapter that reproduces the model."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: the Trainer is skipped")
     namespace = {}
-    exec(readme_block("class SORSACallback"), namespace)
+    exec(doc_block("class SORSACallback"), namespace)
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=64)
     torch.manual_seed(0)
@@ -1500,7 +1501,7 @@ def test_a_model_partly_on_the_meta_device_is_refused_before_anything_changes_na
 def test_resuming_from_adapter_optimizer_and_scheduler_is_bit_identical_to_not_stopping(tmp_path, dtype):
     """k AdamW steps, save the adapter, the optimizer's and the scheduler's state; load the adapter
     onto a fresh copy of the base, restore both, n more steps: exactly k + n uninterrupted steps
-    (float32 factors, on a float32 and on a bf16 base). README, "Resuming a fine-tune"."""
+    (float32 factors, on a float32 and on a bf16 base). docs/scaling.md, "Resuming a fine-tune"."""
     base = toy_model(3, dtype=dtype)
     batches = [rand(4, 12, seed=s, dtype=dtype) for s in range(7)]
 
@@ -1793,7 +1794,9 @@ def test_bench_reads_the_singular_values_of_a_low_rank_product_from_its_core(cas
 # ----------------------------------------------------------------------------- README
 
 
-def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch):
+def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch, capsys):
+    """The README's first snippet: the loss it prints falls, L_reg stays small, and the merged model
+    equals the adapter loaded onto the original, as the printed difference says."""
     readme = (pathlib.Path(__file__).parent / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)  # it writes adapter.pt
@@ -1804,3 +1807,8 @@ def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch):
     x = torch.randn(5, 64)
     with torch.no_grad():  # merged fine-tuned model == original model with the adapter loaded
         assert torch.allclose(model(x), base(x), atol=1e-5)
+    printed = capsys.readouterr().out.splitlines()
+    losses = [float(re.search(r"loss ([0-9.]+)", line).group(1)) for line in printed[:-1]]
+    regs = [float(re.search(r"L_reg ([0-9.e+-]+)", line).group(1)) for line in printed[:-1]]
+    assert len(losses) == 5 and losses[-1] < losses[0] and max(regs) < 1e-2 and regs[-1] < 1e-4
+    assert float(printed[-1].rsplit(" ", 1)[1]) < 1e-5

@@ -12,7 +12,7 @@ decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on 
     python train_tiny.py --device cuda    # GPU
     python train_tiny.py --quick          # smoke run
     python train_tiny.py --lrs 1e-3,2e-3,4e-3,8e-3 --seeds 3    # each method at each learning rate
-    python train_tiny.py --lrs ... --refine --final_seeds 10 --base_seeds 0,1,2   # README's comparison
+    python train_tiny.py --lrs ... --refine --final_seeds 10 --base_seeds 0,1,2   # docs/comparison.md
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
 Every run also measures forgetting: the rise of the loss on held-out pretraining text and the
@@ -223,7 +223,7 @@ class Config:
     # gamma / (SORSA's lr) on sorsa.py's default scale, the authors': L_reg is the mean over the 36
     # factor matrices. Chosen on validation from the paper's effective 0.208 (which did as well: not
     # established either way), 0.4, 1.2, 3.6 and its nominal 13.3, which drowns this task's gradients
-    # (python -m theory.gamma; README, "The paper's gamma").
+    # (python -m theory.gamma; docs/gamma.md).
     gamma_ratio: float = 0.4
     lrs: str = ""  # a sweep: e.g. "1e-3,2e-3,4e-3"; every method (SORSA too) at each, gamma = gamma_ratio * lr
     refine: bool = False  # a sweep: then also each method's best lr / sqrt 2 and * sqrt 2

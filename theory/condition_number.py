@@ -184,7 +184,7 @@ def equal_fit(task, seeds, gamma, every=1):
 
 KEYS = ("misfit", "kappa_Wp", "kappa_U", "kappa_V", "delta_sigma", "delta_d")
 # On the mean. 0.2 is within 4% of the weight the paper's runs had (0.208: their trainer divided the nominal
-# 13.3 by 64 accumulation steps; README, "The paper's gamma"); 13.3, the last, is the nominal ratio as written.
+# 13.3 by 64 accumulation steps; docs/gamma.md); 13.3, the last, is the nominal ratio as written.
 GAMMA_OVER_LR = (0.02, 0.2, Task.gamma_over_lr)
 
 

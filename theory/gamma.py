@@ -24,7 +24,7 @@ import train_tiny
 EFFECTIVE = 4e-4 / 3e-5 / 64  # 0.208: the weight of the paper's runs (64 accumulation steps)
 NOMINAL = 4e-4 / 3e-5  # 13.3: the paper's gamma / lr as written
 RATIOS = (EFFECTIVE, 0.4, 1.2, 3.6, NOMINAL)
-SWEEP_LR = 8e-3 * math.sqrt(2)  # SORSA's rate chosen on validation by README's sweep (100 steps)
+SWEEP_LR = 8e-3 * math.sqrt(2)  # SORSA's rate chosen on validation by the sweep of docs/comparison.md (100 steps)
 KEYS = (("val accuracy", "val_accuracy", "{:.1%}"), ("test accuracy", "accuracy", "{:.1%}"),
         ("Δ held-out loss", "forget_loss", "{:+.3f}"))
 
