@@ -127,8 +127,8 @@ def _top_triplets(weight, rank, niter):
 
 def _orthonormal(F):
     """F (k, r) with orthonormal columns to its dtype's rounding. A float32 SVD's singular vectors
-    are orthonormal only to its backward error (||U^T U - I||_F = 1.4e-5 at 4096 x 128, 100 x
-    their rounding); a float64 QR moves each entry by ~1e-7 and leaves ~1e-7. W_r absorbs the move."""
+    are orthonormal only to its backward error, about 100 times their rounding (docs/precision.md);
+    one float64 QR moves each entry by about that much and leaves them orthonormal. W_r absorbs the move."""
     Q, R = torch.linalg.qr(F.double())  # (k, r), (r, r) with a diagonal of ~+-1
     return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(F.dtype)  # signs kept: each column stays itself
 
@@ -137,8 +137,8 @@ def svd_split(weight, rank, niter=None, factor_dtype=None):
     """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2).
 
     niter=None: exact SVD. An int: randomized SVD with that many power iterations, much
-    faster for large weights (bench.py: niter=3 is 24x faster at 4096x11008 and keeps the
-    top 128 singular values of an LLM-like spectrum within 0.5%). The factors come back in
+    faster for large weights and approximate top singular triplets (docs/performance.md measures
+    both); W_r makes the layer exact either way. The factors come back in
     factor_dtype (default: float32, float64 for a float64 weight), W_r in the weight's
     dtype. On the meta device only shapes exist: empty meta tensors come back.
     """
