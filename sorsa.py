@@ -889,12 +889,11 @@ def _select_targets(model, rank, targets, full=()):
         unfit = (f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
                  if name in read_directly else None if _computes_linear(mod) else
                  f"{type(mod).__name__}, whose forward is not x W^T + b")
-        problem = (unfit if unfit else
-                   f"in {inside[0]}, which trains in full" if inside else
-                   "the output head" if targets is None and name in heads else
-                   f"tied to {', '.join(tied)}" if tied else
-                   f"rank {rank} is above its {m} outputs: a new classification head trains in full with "
-                   "modules_to_save" if targets is None and m < rank <= n else None)
+        problem = unfit or (f"in {inside[0]}, which trains in full" if inside else
+                            "the output head" if targets is None and name in heads else
+                            f"tied to {', '.join(tied)}" if tied else
+                            f"rank {rank} is above its {m} outputs: a new classification head trains in full "
+                            "with modules_to_save" if targets is None and m < rank <= n else None)
         if targets is None:  # every linear layer, but what a default cannot adapt safely
             if inside:  # the caller's choice: nothing to warn about
                 continue
