@@ -17,18 +17,15 @@ The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in))
 PiSSA is the same split with U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained as
 two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regularizes.
 
-Map of the file: the method (svd_split -> SORSALinear -> orthonormal_regularizer, sorsa_loss
-or add_regularizer_grad, cosine_schedule); the model-level verbs (apply_sorsa, merge_sorsa,
-adapters, LoRA and PEFT export); the analysis metrics (delta_sigma, delta_d); the checks; the
-glue for DDP, FSDP2 and torch.compile.
+Map of the file: the method (svd_split, SORSALinear, orthonormal_regularizer, sorsa_loss or
+add_regularizer_grad, cosine_schedule, apply_sorsa, merge_sorsa); adapters and their files; the
+analysis metrics (delta_sigma, delta_d); the checks; the glue for DDP, FSDP2 and torch.compile.
 
-Precision, as in mixed-precision training: what trains (U_p, S_p, Vt_p and their initial
-copies) is stored in float32 whatever the weight's dtype (float64 stays float64); what is
-frozen (W_r, the bias) keeps the weight's dtype; the forward computes in the activations'
-dtype; the SVD, the residual, the regularizer and the merge are computed in float32 or
-wider, with full float32 matmuls even where the caller allows TF32, and cast once. (A bf16
-factor would round away every update smaller than 1/256 of its entry: at lr 3e-5 the
-singular values never move.)
+Precision, as in mixed-precision training: what trains (U_p, S_p, Vt_p, their initial copies) is
+stored in float32 (float64 stays float64), since bf16 would round away updates below 1/256 of an
+entry; what is frozen (W_r, the bias) keeps the weight's dtype; the forward computes in the
+activations' dtype; the SVD, the residual, the regularizer and the merge are computed in float32
+or wider, with full float32 matmuls even where the caller allows TF32, and cast once.
 """
 
 import contextlib
@@ -51,11 +48,11 @@ FULL = "modules_to_save"  # '{name}.modules_to_save.{key}': a module trained in 
 BASE_TOLERANCE = 0.05  # load_adapter's base check: bf16 rounding of the right base gives ~1e-3, another model ~1
 
 
-# ----------------------------------------------------------------------------- SVD split
+# ----------------------------------------------------------------------------- SVD split (Eqs. 1-2)
 
 
-def _wide(*dtypes):
-    """float64 if any of the dtypes is float64, else float32: the dtype of exact computations."""
+def _exact_dtype(*dtypes):
+    """The dtype of exact computations: float64 if any of the dtypes is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -74,97 +71,81 @@ def _full_float32():
             b.fp32_precision = value
 
 
-def add_principal(W, U_p, S_p, Vt_p, sign):
-    """W + sign * U_p diag(S_p) Vt_p, computed wide and cast once to W's dtype: (m, n) -> (m, n).
+def _add_W_p(W, U_p, S_p, Vt_p, alpha):
+    """W + alpha U_p diag(S_p) Vt_p, computed wide and cast once to W's dtype: (m, n) -> (m, n).
 
-    sign = -1 gives the residual W_r = W_0 - W_p (Eq. 2), +1 the merged weight W_r + W_p.
-    The residual is taken as a difference, not as U_r diag(S_r) V_r^T, so that W_r + W_p
-    gives back W_0 to one rounding whatever the accuracy of the factors. The one (m, n)
-    temporary is the wide copy of W, into which the product is added in place.
+    alpha = -1 gives W_r = W_0 - W_p (Eq. 2), a difference rather than U_r diag(S_r) V_r^T, so that
+    W_r + W_p (alpha = +1, the merge) gives back W_0 to one rounding whatever the factors' accuracy.
     """
-    cd = _wide(W.dtype, U_p.dtype)
-    out = W.detach().to(cd, memory_format=torch.contiguous_format, copy=True)  # (m, n), also from a transposed view
+    cd = _exact_dtype(W.dtype, U_p.dtype)
+    out = W.detach().to(cd, memory_format=torch.contiguous_format, copy=True)  # (m, n), the one temporary
     with _full_float32():
-        out.addmm_(U_p.to(cd) * S_p.to(cd), Vt_p.to(cd), alpha=sign)  # diag(S_p) as a column scale
+        out.addmm_(U_p.to(cd) * S_p.to(cd), Vt_p.to(cd), alpha=alpha)  # diag(S_p) as a column scale
     return out.to(W.dtype)
 
 
-def _sketch_columns(rank):
-    """Columns of the random sketch: rank plus max(rank, 10) extra, so that the top-rank
-    singular values come out accurate (oversampling)."""
-    return rank + max(rank, 10)
-
-
-def _randomized_svd(W, rank, niter):
-    """Top-`rank` SVD of W (m, n) by a seeded randomized range finder with `niter` power iterations.
-
-    Each power iteration sharpens a decaying spectrum further. The sketch is drawn from
-    a generator seeded with 0, so one weight always gives one split.
-    """
-    m, n = W.shape
-    l = _sketch_columns(rank)  # < min(m, n): _top_triplets takes the exact SVD otherwise
+def _randomized_svd(W, rank, niter, sketch):
+    """Top-`rank` SVD of W (m, n) from a random sketch of `sketch` columns and `niter` power iterations,
+    seeded: one weight always gives one split."""
     gen = torch.Generator(device=W.device).manual_seed(0)
-    omega = torch.randn(n, l, generator=gen, device=W.device, dtype=W.dtype)  # (n, l)
-    Q = torch.linalg.qr(W @ omega).Q  # (m, l): orthonormal basis of the sketched range
-    for _ in range(niter):  # QR between products keeps the basis well conditioned
-        Q = torch.linalg.qr(W.T @ Q).Q  # (n, l)
-        Q = torch.linalg.qr(W @ Q).Q  # (m, l)
+    Q = torch.linalg.qr(W @ torch.randn(W.shape[1], sketch, generator=gen, device=W.device, dtype=W.dtype)).Q  # (m, l)
+    for _ in range(niter):  # each iteration sharpens a decaying spectrum; QR keeps the basis well conditioned
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l)
     U_small, S, Vt = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (l, l), (l,), (l, n)
     return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
 
 
+def _orthonormal(F):
+    """F (k, r) with orthonormal columns to its dtype's rounding, each column kept itself (signs fixed).
+    A float32 SVD's vectors are orthonormal only to its backward error, ~100 roundings; one float64 QR
+    moves each entry about that much. W_r absorbs the move."""
+    Q, R = torch.linalg.qr(F.double())  # (k, r), (r, r) with a diagonal of ~+-1
+    return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(F.dtype)
+
+
 def _top_triplets(weight, rank, niter):
-    """U_p (m, r), S_p (r,), Vt_p (r, n) of the weight, in float32 or float64 (bf16 and fp16
-    SVDs are unsupported or far too inaccurate). Returning frees the wide copy, U and V^T."""
-    W = weight.detach().to(_wide(weight.dtype))  # (m, n), upcast by assignment
-    if niter is not None and _sketch_columns(rank) < min(W.shape):
-        U_p, S_p, Vt_p = _randomized_svd(W, rank, niter)
+    """U_p (m, r), S_p (r,), Vt_p (r, n) of the weight (Eq. 1), orthonormalized, in float32 or float64
+    (bf16 and fp16 SVDs fail or are far off). Returning frees the wide copy, U and V^T."""
+    W = weight.detach().to(_exact_dtype(weight.dtype))  # (m, n), upcast by assignment
+    sketch = rank + max(rank, 10)  # oversampled, for accurate top singular values
+    if niter is not None and sketch < min(W.shape):
+        U_p, S_p, Vt_p = _randomized_svd(W, rank, niter, sketch)
     else:
         U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
         U_p, S_p, Vt_p = U[:, :rank], S[:rank], Vt[:rank]
     return _orthonormal(U_p), S_p, _orthonormal(Vt_p.mT).mT
 
 
-def _orthonormal(F):
-    """F (k, r) with orthonormal columns to its dtype's rounding. A float32 SVD's singular vectors
-    are orthonormal only to its backward error, about 100 times their rounding (docs/precision.md);
-    one float64 QR moves each entry by about that much and leaves them orthonormal. W_r absorbs the move."""
-    Q, R = torch.linalg.qr(F.double())  # (k, r), (r, r) with a diagonal of ~+-1
-    return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(F.dtype)  # signs kept: each column stays itself
-
-
 def svd_split(weight, rank, niter=None, factor_dtype=None):
     """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2).
 
-    niter=None: exact SVD. An int: randomized SVD with that many power iterations, much
-    faster for large weights and approximate top singular triplets (docs/performance.md measures
-    both); W_r makes the layer exact either way. The factors come back in
-    factor_dtype (default: float32, float64 for a float64 weight), W_r in the weight's
-    dtype. On the meta device only shapes exist: empty meta tensors come back.
+    niter None: exact SVD; an int: randomized SVD with that many power iterations, much faster for
+    large weights (docs/performance.md); W_r makes the layer exact either way. The factors come back
+    in factor_dtype (default float32, float64 for a float64 weight), W_r in the weight's dtype.
+    On the meta device only shapes exist: empty meta tensors come back.
     """
     _check_weight(weight)
     m, n = weight.shape
     _check_rank(rank, m, n)
     _check_niter(niter)
-    factor_dtype = _check_factor_dtype(factor_dtype) or _wide(weight.dtype)
+    factor_dtype = _check_factor_dtype(factor_dtype) or _exact_dtype(weight.dtype)
     if weight.is_meta:
-        return (torch.empty(m, rank, device="meta", dtype=factor_dtype), torch.empty(rank, device="meta", dtype=factor_dtype),
-                torch.empty(rank, n, device="meta", dtype=factor_dtype), torch.empty_like(weight))
-    with torch.no_grad(), _full_float32():  # the sketch's products too
+        return (*(torch.empty(shape, device="meta", dtype=factor_dtype) for shape in ((m, rank), (rank,), (rank, n))),
+                torch.empty_like(weight))
+    with torch.no_grad(), _full_float32():
         U_p, S_p, Vt_p = (t.to(factor_dtype, memory_format=torch.contiguous_format, copy=True)
                           for t in _top_triplets(weight, rank, niter))
-        # W_r from the stored factors, so that a narrow factor_dtype's rounding goes into W_r.
-        return U_p, S_p, Vt_p, add_principal(weight, U_p, S_p, Vt_p, -1)
+        # Eq. 2 from the stored factors, so that a narrow factor_dtype's rounding goes into W_r.
+        return U_p, S_p, Vt_p, _add_W_p(weight, U_p, S_p, Vt_p, alpha=-1)
 
 
-# ----------------------------------------------------------------------------- the layer
+# ----------------------------------------------------------------------------- the layer (Eq. 3)
 
 
 def _base_weight(layer):
-    """W_0 (out, in) of a layer SORSA replaces, or None: an nn.Linear's weight (subclasses too, such
-    as Falcon's FalconLinear), or a Conv1D-style layer's transposed (transformers' Conv1D, as in GPT-2:
-    attribute nf, weight (in, out) = (nx, nf), y = x W + b; recognized by name and shape, without
-    importing transformers)."""
+    """W_0 (out, in) of a layer SORSA can replace, or None: an nn.Linear's weight (subclasses too), or
+    the transposed weight of a Conv1D-style layer (transformers' Conv1D, as in GPT-2: attribute nf,
+    weight (in, out), y = x W + b; recognized by name and shape, without importing transformers)."""
     if isinstance(layer, nn.Linear):
         return layer.weight
     weight = getattr(layer, "weight", None)
@@ -173,27 +154,19 @@ def _base_weight(layer):
 
 
 class SORSALinear(nn.Module):
-    """y = x W_r^T + ((x Vt_p^T) * S_p) U_p^T + b (Eq. 3); x (..., n) -> y (..., m). Eq. 15 as
-    written, x W_r + x (U_p * S_p) V_p^T, still builds the (m, n) product; this order never does.
+    """y = x W_r^T + ((x Vt_p^T) * S_p) U_p^T + b (Eq. 3): x (..., n) -> y (..., m).
 
-    Trainable: U_p (m, r), S_p (r,), Vt_p (r, n), that is r (m + n + 1) numbers.
-    Frozen, as nn.Parameters with requires_grad=False (as a frozen nn.Linear's weight, so
-    that DDP does not broadcast them and FSDP shards them): the residual W_r (m, n), the
-    bias, and a copy of the initial factors U_p0, S_p0, Vt_p0, so that the learned change
-    W_p,t - W_p,0 can be exported. State-dict keys, in order: U_p, S_p, Vt_p, W_r, U_p0,
-    S_p0, Vt_p0, bias. Built ready to train, normally through `SORSALinear.from_linear`.
-    base_type is the class of the layer it replaced (nn.Linear or a subclass, or a Conv1D-style class
-    whose weight is stored (in, out)); merge() gives one back. `.weight` is W_r, for code that reads it.
+    Trainable: U_p (m, r), S_p (r,), Vt_p (r, n), r (m + n + 1) numbers. Frozen (requires_grad=False):
+    W_r (m, n), the bias, and the initial U_p0, S_p0, Vt_p0, from which the learned change
+    W_p,t - W_p,0 is exported. base_type: the class of the replaced layer, which merge() gives back.
     """
 
     def __init__(self, U_p, S_p, Vt_p, W_r, bias=None, base_type=nn.Linear):
         super().__init__()
         (m, r), n = U_p.shape, W_r.shape[1]
         if S_p.shape != (r,) or Vt_p.shape != (r, n) or W_r.shape != (m, n):
-            raise ValueError(
-                f"inconsistent SORSA shapes: U_p {tuple(U_p.shape)}, S_p {tuple(S_p.shape)}, "
-                f"Vt_p {tuple(Vt_p.shape)}, W_r {tuple(W_r.shape)}; expected (m, r), (r,), (r, n), (m, n)"
-            )
+            raise ValueError(f"inconsistent SORSA shapes: U_p {tuple(U_p.shape)}, S_p {tuple(S_p.shape)}, Vt_p "
+                             f"{tuple(Vt_p.shape)}, W_r {tuple(W_r.shape)}; expected (m, r), (r,), (r, n), (m, n)")
         self.in_features, self.out_features, self.rank, self.base_type = n, m, r, base_type
         self.U_p, self.S_p, self.Vt_p = (nn.Parameter(t.detach().clone()) for t in (U_p, S_p, Vt_p))
         self.W_r = nn.Parameter(W_r.detach(), requires_grad=False)  # (m, n), not copied: as large as the weight
@@ -203,8 +176,8 @@ class SORSALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, rank, niter=None, factor_dtype=None):
-        """A ready SORSA layer whose output equals `linear`'s (Eq. 3 at t = 0). `linear` is an
-        nn.Linear or a Conv1D-style layer (GPT-2's: weight (in, out), y = x W + b), split as W_0 = weight^T."""
+        """A ready SORSA layer whose output equals `linear`'s (Eq. 3 at t = 0); `linear` is an
+        nn.Linear or a Conv1D-style layer (weight (in, out), y = x W + b), split as W_0 = weight^T."""
         W_0 = _base_weight(linear)
         if W_0 is None:
             raise TypeError(f"from_linear needs an nn.Linear or a Conv1D-style layer (transformers' Conv1D: "
@@ -213,69 +186,59 @@ class SORSALinear(nn.Module):
 
     @property
     def weight(self):
-        """The frozen residual W_r in the replaced layer's layout: (m, n), or (n, m) for Conv1D. For
-        code that reads a layer's weight for its dtype, device or shape (T5's feed-forward casts its
-        input to wo.weight.dtype), as PEFT answers with its base layer's weight. It is not the
-        effective weight W_r + W_p: merge() builds that, and nothing in this file reads .weight."""
+        """W_r in the replaced layer's layout, for code that reads a layer's weight for its dtype, device or
+        shape (T5 casts its input to wo.weight.dtype). Not the effective weight: merge() builds that."""
         return self.W_r if issubclass(self.base_type, nn.Linear) else self.W_r.mT
 
     def forward(self, x):
-        # Never builds the (m, n) matrix W_p: the adapter costs r (m + n) multiply-adds per
-        # token, like LoRA, instead of m n r per call to form U_p diag(S_p) Vt_p. The float32
-        # factors are cast to the activations' dtype (bf16 activations: bf16 matmuls); their
-        # gradients come back through the cast in float32.
+        # Factored: r (m + n) multiply-adds per token, like LoRA, and the (m, n) W_p is never formed.
+        # The float32 factors are cast to the activations' dtype; their gradients come back in float32.
         low = F.linear(x, self.Vt_p.to(x.dtype))  # (..., r)
         low = low * self.S_p.to(low.dtype)  # diag(S_p) as an elementwise scale
         return F.linear(x, self.W_r, self.bias) + F.linear(low, self.U_p.to(low.dtype))  # (..., m)
 
     def merge(self):
-        """A frozen layer of the replaced type, weight W_r + U_p diag(S_p) Vt_p in its own layout: no
-        inference latency, and the original model's state-dict keys and shapes. An nn.Linear subclass
-        comes back as itself where it keeps nn.Linear's constructor (FalconLinear), else as nn.Linear;
-        a Conv1D-style layer is built as base_type(nf, nx), transformers' signature."""
+        """A frozen layer of the replaced type (nn.Linear for a subclass with its own constructor) with
+        weight W_r + U_p diag(S_p) Vt_p: no inference latency, the original state-dict keys."""
         # full_tensor: the tensor itself in one process; under FSDP2, the shards gathered.
-        W_r, U_p, S_p, Vt_p = (full_tensor(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p))
-        W = add_principal(W_r, U_p, S_p, Vt_p, +1)  # (m, n)
+        W = _add_W_p(*(full_tensor(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p)), alpha=+1)  # (m, n)
         linear = issubclass(self.base_type, nn.Linear)
-        with torch.device("meta"):  # shapes only: no random initialization to overwrite
-            if linear:
+        with torch.device("meta"):  # shapes only: the weights are assigned below, nothing is initialized
+            if not linear:
+                layer = self.base_type(self.out_features, self.in_features)
+            else:
                 cls = self.base_type if self.base_type.__init__ is nn.Linear.__init__ else nn.Linear
                 layer = cls(self.in_features, self.out_features, bias=self.bias is not None)
-            else:
-                layer = self.base_type(self.out_features, self.in_features)
-        layer = layer.to(W.dtype).to_empty(device=W.device)
-        with torch.no_grad():
-            layer.weight.copy_(W if linear else W.mT)
-            if self.bias is not None:
-                layer.bias.copy_(full_tensor(self.bias))
-        return layer.requires_grad_(False)
+        layer.weight = nn.Parameter(W if linear else W.mT.contiguous(), requires_grad=False)
+        layer.bias = None if self.bias is None else nn.Parameter(full_tensor(self.bias).detach().clone(),
+                                                                 requires_grad=False)
+        return layer
 
     def extra_repr(self):
         layout = "" if self.base_type is nn.Linear else f", replacing {self.base_type.__name__}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{layout}"
 
 
-# ----------------------------------------------------------------------------- regularizer and Eq. 6
+# ----------------------------------------------------------------------------- the regularizer (Eq. 4), the update (Eq. 6)
 
 
 class _GramDistance(torch.autograd.Function):
-    """Eq. 4's term per layer, ||F^T F - I||_F (squared=True: its square), for factors stacked as
-    F (L, k, r) -> (L,), with its gradient written out (A = F^T F - I, symmetric):
+    """Eq. 4's term ||F^T F - I||_F (squared=True: its square) of each factor in a stack F (L, k, r) -> (L,),
+    with its gradient written out, A = F^T F - I (at A = 0 the subgradient 0):
 
         d ||A||_F / dF = 2 F A / ||A||_F        d ||A||_F^2 / dF = 4 F A
 
-    At exact orthonormality (A = 0) the norm has no gradient and the subgradient 0 is taken.
-    Forward and backward both run at full float32 (or float64), with autocast off: left to
-    autograd, the backward's products would run later, at whatever precision the caller set.
-    group: under FSDP2, the ranks holding F's other rows; F^T F is then the sum of their Grams
-    and each rank's rows get 2 F_local A / ||A||_F, with no communication in the backward.
+    Both directions run in full float32 (or float64) with autocast off: left to autograd, the backward's
+    products would run later, at whatever precision the caller set then.
     """
 
     @staticmethod
     def forward(ctx, F, squared, group):
         with torch.autocast(F.device.type, enabled=False), _full_float32():
-            # One process: F^T F. FSDP2: the sum of the ranks' Grams of their rows (one all-reduce).
-            A = _sum_over_ranks(F.mT @ F, group) - torch.eye(F.shape[-1], device=F.device, dtype=F.dtype)  # (L, r, r)
+            # F^T F (L, r, r). In one process _sum_over_ranks does nothing; group is FSDP2's ranks holding
+            # F's other rows, whose Grams add up to F^T F (and each rank's rows get 2 F_local A / ||A||).
+            gram = _sum_over_ranks(F.mT @ F, group)
+            A = gram - torch.eye(F.shape[-1], device=F.device, dtype=F.dtype)  # (L, r, r)
             norms = torch.linalg.matrix_norm(A)  # (L,)
         ctx.save_for_backward(F, A, norms)
         ctx.squared = squared
@@ -290,53 +253,41 @@ class _GramDistance(torch.autograd.Function):
             return (F @ A) * scale[:, None, None], None, None  # (L, k, r)
 
 
+def _factor_stacks(found):
+    """(F, group) per factor shape: F (L, k, r) stacks the U_p (m, r) and Vt_p^T (n, r) of that shape in
+    float32 or wider, so that one batched product serves them all. group is None in one process; under
+    FSDP2, _local_rows gives the rows this rank holds and the ranks holding the others."""
+    stacks = {}  # (shape, dtype, device, group) -> factors; keyed by the whole shape, alike on every rank
+    for _, mod in found:
+        for factor in (mod.U_p, mod.Vt_p.mT):
+            local, group = _local_rows(factor)
+            stacks.setdefault((factor.shape, local.dtype, local.device, group), []).append(local)
+    return [(torch.stack(fs).to(_exact_dtype(dtype)), group) for (_, dtype, _, group), fs in stacks.items()]
+
+
 def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
-    """L_reg: Eq. 4, ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F, for every layer; a scalar.
+    """L_reg: Eq. 4, ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F, summed over the layers; a scalar.
 
-    reduction="mean" (default) divides the sum of the 2 L norms of L layers by 2 L, as the
-    authors' code does: the paper's gamma was tuned on that scale, so it keeps its meaning
-    whatever the number of layers (docs/gamma.md: nominal 4e-4, effective 6.25e-6 at lr_max = 3e-5).
-    reduction="sum" adds Eq. 4 over the layers as Eq. 5 is written: 2 L times the mean, the
-    same gradient direction.
-
-    Read it per layer as Eq. 4; it is computed per factor shape: each layer's U_p (m, r)
-    and Vt_p^T (n, r) is a matrix F whose Gram matrix F^T F should be I, and all the F of
-    one shape are stacked so that one batched product and one batched norm serve them all
-    (a handful of kernels per shape instead of ~25 per layer). Value and gradient are computed
-    in full float32 or wider (_GramDistance): bf16 Grams are hundreds of times too large at
-    initialization. squared=True sums the squared norms instead; unlike the paper's norm, its
-    gradient vanishes at orthonormality, so gradient descent settles there (see theory/).
+    reduction "mean" (default) divides by the 2 L factor matrices, as the authors' code does: their
+    gamma was tuned on that scale (docs/gamma.md). "sum" is Eq. 5 as written, 2 L times the mean.
+    squared=True sums squared norms, whose gradient, unlike the paper's, vanishes at orthonormality.
     """
     _check_model_type(model_or_modules, "model_or_modules")
     _check_reduction(reduction)
     found = _require_adapters(model_or_modules)
-    groups = {}  # (shape, dtype, device, process group) -> factors viewed as (k, r), in module order
-    for _, mod in found:
-        for factor in (mod.U_p, mod.Vt_p.mT):
-            # (factor, None) in one process; under FSDP2, the rows this rank holds and its group.
-            local, group = _local_rows(factor)  # keyed by the whole shape: every rank forms the same groups
-            groups.setdefault((factor.shape, local.dtype, local.device, group), []).append(local)
-    total = None
-    for (_, dtype, _, group), factors in groups.items():
-        stacked = torch.stack(factors).to(_wide(dtype))  # (L, k, r)
-        term = _GramDistance.apply(stacked, squared, group).sum()  # Eq. 4, one norm per layer
-        total = term if total is None else total + term.to(total.device)
+    terms = [_GramDistance.apply(F, squared, group).sum()  # Eq. 4: one norm per factor matrix
+             for F, group in _factor_stacks(found)]  # every U_p and Vt_p^T, stacked by shape: F (L, k, r)
+    total = sum(t.to(terms[0].device) for t in terms)
     return total / (2 * len(found)) if reduction == "mean" else total
 
 
 def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"):
-    """L_train + (gamma / lr_max) L_reg: the loss whose gradient step is Eq. 6.
+    """L_train + (gamma / lr_max) L_reg, the loss whose gradient step is Eq. 6.
 
-    A step of size eta_t on this loss is W_p - eta_t grad L_train - gamma_t grad L_reg with
-    gamma_t = gamma * eta_t / lr_max, i.e. Eq. 5 with the regularizer's rate following the
-    same schedule: one optimizer and one scheduler drive both terms. For plain SGD this is
-    exact; adaptive optimizers (AdamW) rescale the summed gradient, as in the paper.
-
-        loss = sorsa_loss(task_loss, model, gamma=6.25e-6, lr_max=3e-5)  # the paper's effective weight
-        loss.backward(); clip_grad_norm_(params, 1.0); optimizer.step(); scheduler.step()
-
-    Clipping after this backward scales both terms together; the authors' trainer clips the
-    task gradient alone and adds the regularizer's after: add_regularizer_grad.
+    A step of size eta_t on it is W_p - eta_t grad L_train - gamma_t grad L_reg with gamma_t = gamma
+    eta_t / lr_max: Eq. 5 with one optimizer and one scheduler (exact for SGD; AdamW rescales the sum).
+    Clipping after its backward clips both terms; the authors clip the task gradient alone, as
+    add_regularizer_grad does, which this file recommends.
     """
     if not isinstance(train_loss, torch.Tensor) or train_loss.numel() != 1:
         raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {_describe(train_loss)}; "
@@ -349,16 +300,13 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"
 
 
 def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
-    """Add the gradient of (gamma / lr_max) L_reg to the factors' .grad (Eq. 6's second term);
-    return L_reg, detached. The authors' order: the task gradient is clipped, the regularizer's not.
+    """Add the gradient of (gamma / lr_max) L_reg to the factors' .grad (Eq. 6's second term) after the
+    task gradient was clipped, as the authors do; return L_reg, detached. The paper's runs had
+    gamma = 6.25e-6 at lr_max = 3e-5 (docs/gamma.md). Call it once per optimizer step, also with
+    gradient accumulation (nothing divides it by the count), and under DDP without an all-reduce:
 
         task_loss.backward(); clip_grad_norm_(params, 1.0)
         add_regularizer_grad(model, gamma=6.25e-6, lr_max=3e-5); optimizer.step(); scheduler.step()
-
-    With gradient accumulation, call it once per optimizer step, after the last micro-batch:
-    nothing divides it by the accumulation count (the authors' trainer did, which made their
-    nominal gamma 4e-4 an effective 6.25e-6 at 64 steps; docs/gamma.md).
-    Under DDP its gradient is not all-reduced, and need not be: every rank holds the same factors.
     """
     _check_model_type(model, "model")
     _check_gamma(gamma, lr_max)
@@ -370,9 +318,7 @@ def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
 
 def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
     """The paper's schedule (App. B): linear warm-up over 3% of the steps, then cosine decay to 0.
-
-    Its peak is the optimizer's lr, which is the lr_max that sorsa_loss needs.
-    """
+    Its peak is the optimizer's lr, the lr_max of Eq. 6."""
     warmup = max(1, round(warmup_ratio * total_steps))
 
     def factor(step):  # multiplies the optimizer's lr at `step`
@@ -383,7 +329,7 @@ def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------- model-level verbs
+# ----------------------------------------------------------------------------- a model: apply and merge
 
 
 def sorsa_modules(model):
@@ -397,18 +343,22 @@ def sorsa_modules(model):
     return [(str(i), mod) for i, mod in enumerate(layers)]
 
 
-def _convert(model, builders, full):
-    """Swap in one new layer at a time ({name: build()}), so that at most one extra layer's
-    weight exists at once. An unexpected failure (out of memory, KeyboardInterrupt) leaves
-    every layer either wholly original or wholly SORSA; its message lists the converted ones.
-    Then the modules of `full` ({name: state dict to load, or None}) are marked to train in full."""
+def full_modules(model):
+    """(name, module) pairs of the modules that train in full beside the adapters (modules_to_save)."""
+    return [(name, mod) for name, mod in unwrap(model).named_modules() if getattr(mod, "sorsa_trains_in_full", False)]
+
+
+def _convert(model, names, build, full):
+    """Set each layer `name` to build(name), one at a time (one extra layer's weight at most), then mark
+    the modules of `full` ({name: state dict to load, or None}) to train in full, and freeze the rest.
+    A failure midway (out of memory, Ctrl-C) leaves every layer wholly original or wholly SORSA."""
     done = []
     try:
-        for name, build in builders.items():
-            model.set_submodule(name, build())
+        for name in names:
+            model.set_submodule(name, build(name))
             done.append(name)
     except BaseException as err:
-        err.add_note(f"SORSA: {len(done)} of {len(builders)} layers were converted before this error: "
+        err.add_note(f"SORSA: {len(done)} of {len(names)} layers were converted before this error: "
                      f"{', '.join(done) or 'none'}. Each layer is wholly original or wholly SORSA; "
                      "merge_sorsa(model) turns the converted ones back into nn.Linear")
         raise
@@ -417,68 +367,55 @@ def _convert(model, builders, full):
         if state is not None:
             mod.load_state_dict(state)
         mod.sorsa_trains_in_full = True
-    _freeze_all_but_adapters(model)
-    return list(builders)
-
-
-def _freeze_all_but_adapters(model):
-    """requires_grad only for the U_p, S_p, Vt_p of every SORSA layer and the modules that train in full."""
     model.requires_grad_(False)
     for _, mod in sorsa_modules(model):
         for p in (mod.U_p, mod.S_p, mod.Vt_p):
             p.requires_grad_(True)
     for _, mod in full_modules(model):
         mod.requires_grad_(True)
+    return list(names)
 
-
-def full_modules(model):
-    """(name, module) pairs of the modules that train in full beside the adapters (modules_to_save)."""
-    return [(name, mod) for name, mod in unwrap(model).named_modules() if getattr(mod, "sorsa_trains_in_full", False)]
 
 
 def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None, modules_to_save=None):
-    """Replace matching linear layers by SORSA layers in place, freeze the rest; return their names.
+    """Replace linear layers by SORSA layers in place and freeze the rest; return the layers' names.
 
-    target_modules: None (or "all-linear") for every layer computing x W^T + b (nn.Linear, its
-    subclasses that do, Conv1D-style layers) but the output head (lm_head, get_output_embeddings()),
-    tied weights, layers with fewer outputs than the rank (a classification head) and
-    nn.MultiheadAttention's out_proj, which are skipped with a warning naming them; or names such
-    as ["q_proj", "v_proj"] matched against the end of each module name, each of which must
-    match, every layer matched must be adaptable. niter: see svd_split.
-    factor_dtype: the trainable factors' dtype (default float32; float64 for float64 weights).
-    modules_to_save: names of modules that train in full and travel with the adapter (a new
-    classification head: ["classifier"]), as PEFT's option of that name.
-    Every target is checked before the first layer is touched, so bad input leaves the
-    model as it was; layers are then converted one at a time (peak memory: one layer).
+    target_modules None (or "all-linear"): every layer computing x W^T + b (nn.Linear and Conv1D-style)
+    but, with a warning, the output head, tied weights, layers with fewer outputs than the rank and
+    nn.MultiheadAttention's out_proj; or names such as ["q_proj", "v_proj"], matched against the end of
+    module names. modules_to_save: modules that train in full and travel with the adapter (a new head:
+    ["classifier"]), as in PEFT. Everything is checked before the first layer is touched.
     """
     model = _check_unwrapped_module(model, "apply_sorsa")
-    _check_rank_type(rank)
+    _check_rank(rank)
     _check_niter(niter)
     _check_factor_dtype(factor_dtype)
     full = _select_full(model, modules_to_save)
     names = _select_targets(model, rank, _normalize_targets(target_modules), full)
-    return _convert(model, {name: lambda name=name: SORSALinear.from_linear(
-        model.get_submodule(name), rank, niter, factor_dtype) for name in names}, dict.fromkeys(full))
+
+    def build(name):
+        return SORSALinear.from_linear(model.get_submodule(name), rank, niter, factor_dtype)
+
+    return _convert(model, names, build, dict.fromkeys(full))
 
 
 def merge_sorsa(model):
     """Replace every SORSA layer in place by its merge(), a layer of the type it replaced; return the names."""
     found = _require_adapters(model)
     _check_finite_factors(found, "merge_sorsa merged nothing")
-    inner = unwrap(model)
     for name, mod in found:  # one layer at a time: one extra layer's weight at most
-        inner.set_submodule(name, mod.merge())
+        unwrap(model).set_submodule(name, mod.merge())
     return [name for name, _ in found]
 
 
-def adapter_state_dict(model):
-    """The trained factors and the initial ones, per layer: '{name}.U_p', ..., '{name}.Vt_p0';
-    and the whole state of each module that trains in full: '{name}.modules_to_save.{key}'.
+# ----------------------------------------------------------------------------- adapters and their files
 
-    With both factors, the learned change W_p,t - W_p,0 can be applied to the original base
-    model (whose weight is W_r + W_p,0) without its W_r and without a new SVD. The tensors
-    are copies on the CPU (FSDP2 shards gathered: call it on every rank).
-    """
+
+def adapter_state_dict(model):
+    """Per layer the trained factors and the initial ones ('{name}.U_p', ..., '{name}.Vt_p0'), and the
+    state of each module trained in full ('{name}.modules_to_save.{key}'): CPU copies (FSDP2 shards
+    gathered: call it on every rank). With both factors the change W_p,t - W_p,0 goes onto the
+    original base model (whose weight is W_r + W_p,0) without W_r and without a new SVD."""
     found = _require_adapters(model)
     _check_finite_factors(found, "no adapter state was made")
     state = {f"{name}.{key}": getattr(mod, key) for name, mod in found for key in ADAPTER_KEYS}
@@ -487,26 +424,25 @@ def adapter_state_dict(model):
 
 
 def save_adapter(model, path):
-    """Write adapter_state_dict(model) to `path` atomically, with a checksum (save_checked).
-    Under torch.distributed, call it on every rank: rank 0 writes, and every rank returns once
-    the file is complete (loading it right after is safe)."""
+    """Write adapter_state_dict(model) to `path` atomically, with a checksum (save_checked). Under
+    torch.distributed call it on every rank: rank 0 writes, every rank returns once the file is complete."""
     state = adapter_state_dict(model)  # every rank: FSDP2's shards are gathered
     _rank_0_writes(lambda: save_checked(state, path), path)
 
 
 def load_adapter(model, state, factor_dtype=None, check_base=True):
-    """Put a saved adapter (a dict or a file path) onto the original base model; return the names.
+    """Put a saved adapter (a dict or a file path) onto the original base model; return the layers' names.
 
-    Each target nn.Linear or Conv1D-style layer (W_0) becomes a SORSA layer with W_r = W_0 - W_p,0
-    and the trained U_p, S_p, Vt_p, so its weight is W_0 + (W_p,t - W_p,0). No SVD is computed;
-    modules that trained in full get their saved state. check_base: refuse a base other than the
-    one the adapter was made from, whose top-r singular triplets the initial factors are
-    (U_p0^T W_0 V_p0 = diag(S_p0); an m n r product per layer); False loads onto any base that fits.
-    Everything is checked before the model is touched; layers are converted one at a time.
+    Each layer (W_0) becomes a SORSA layer with W_r = W_0 - W_p,0 and the trained factors: weight
+    W_0 + (W_p,t - W_p,0), with no SVD. check_base refuses another base (the initial factors are W_0's
+    top-r triplets: U_p0^T W_0 V_p0 = diag(S_p0)). Everything is checked before the model is touched.
     """
     model = _check_unwrapped_module(model, "load_adapter")
     _check_factor_dtype(factor_dtype)
-    source, state = _read_adapter(state)
+    if not isinstance(state, (dict, str, os.PathLike)):
+        raise TypeError(f"state must be an adapter dict or a file path, got {_describe(state)}")
+    source, state = ("the adapter state", state) if isinstance(state, dict) else \
+        (f"adapter file {state}", load_checked(state)[0])
     layers, full = _group_adapter_state(state, source)
     if sorsa_modules(model):
         raise ValueError("the model already has SORSA adapters; load an adapter onto the base model")
@@ -518,28 +454,24 @@ def load_adapter(model, state, factor_dtype=None, check_base=True):
     for name, parts in full.items():
         _check_full_module(model, name, parts, source)
 
-    def build(name, parts):
+    def build(name):
         base = model.get_submodule(name)
         W_0 = _base_weight(base)
-        p = {k: v.to(device=W_0.device, dtype=factor_dtype or _wide(W_0.dtype)) for k, v in parts.items()}
-        layer = SORSALinear(p["U_p0"], p["S_p0"], p["Vt_p0"], add_principal(W_0, p["U_p0"], p["S_p0"], p["Vt_p0"], -1),
-                            base.bias, type(base))
+        p = {k: v.to(W_0.device, factor_dtype or _exact_dtype(W_0.dtype)) for k, v in layers[name].items()}
+        W_r = _add_W_p(W_0, p["U_p0"], p["S_p0"], p["Vt_p0"], alpha=-1)  # Eq. 2 with the saved initial factors
+        layer = SORSALinear(p["U_p0"], p["S_p0"], p["Vt_p0"], W_r, base.bias, type(base))
         with torch.no_grad():
             for key in ("U_p", "S_p", "Vt_p"):
                 getattr(layer, key).copy_(p[key])
         return layer
 
-    return _convert(model, {name: lambda name=name, parts=parts: build(name, parts) for name, parts in layers.items()},
-                    full)
+    return _convert(model, list(layers), build, full)
 
 
 def lora_state_dict(model):
-    """The learned change as plain LoRA factors: '{name}.lora_A.weight' (2r, n), '.lora_B.weight' (m, 2r).
-
-    B @ A = U_p,t diag(S_p,t) Vt_p,t - U_p,0 diag(S_p,0) Vt_p,0 = W_p,t - W_p,0, a rank-2r
-    product that any LoRA loader can add to the original base weight with scaling 1. A module
-    trained in full comes whole, '{name}.{key}', to replace the base model's.
-    """
+    """The learned change as plain LoRA factors, '{name}.lora_A.weight' (2r, n) and '.lora_B.weight' (m, 2r):
+    B A = U_p,t diag(S_p,t) Vt_p,t - U_p,0 diag(S_p,0) Vt_p,0 = W_p,t - W_p,0, which any LoRA loader adds
+    to the original base weight with scaling 1. A module trained in full comes whole, '{name}.{key}'."""
     state = adapter_state_dict(model)
     out = {k.replace(f".{FULL}.", "."): v for k, v in state.items() if f".{FULL}." in k}
     for name, mod in sorsa_modules(model):
@@ -550,18 +482,13 @@ def lora_state_dict(model):
 
 
 def save_lora(model, directory, base_name=None):
-    """Write the learned change as a PEFT LoRA adapter: PeftModel.from_pretrained(base, directory).
+    """Write the learned change as a PEFT LoRA adapter, for PeftModel.from_pretrained(base, directory).
 
-    directory/adapter_model.bin holds lora_state_dict(model) under PEFT's key names
-    ('base_model.model.{name}.lora_A.weight'), written with torch.save, which PEFT reads
-    without safetensors; directory/adapter_config.json says LoRA with r = lora_alpha = 2
-    * rank (scaling 1), the adapted layers as target_modules, no dropout, and fan_in_fan_out
-    when they replaced Conv1D-style layers (GPT-2; the LoRA factors are the same either way:
-    PEFT transposes B A for those). Modules trained in full go to PEFT's modules_to_save, their
-    state under 'base_model.model.{name}.{key}'. Each file is written atomically (every rank: see
-    save_adapter); base_name goes to base_model_name_or_path.
+    adapter_model.bin: lora_state_dict(model) under PEFT's keys, by torch.save (PEFT reads it without
+    safetensors). adapter_config.json: r = lora_alpha = 2 rank (scaling 1), fan_in_fan_out for Conv1D-
+    style layers, modules trained in full as modules_to_save. Call it on every rank, as save_adapter.
     """
-    lora = lora_state_dict(model)
+    weights = {f"base_model.model.{k}": v for k, v in lora_state_dict(model).items()}
     found = sorsa_modules(model)
     rank_of = {name: 2 * mod.rank for name, mod in found}
     r = max(rank_of.values())
@@ -572,7 +499,6 @@ def save_lora(model, directory, base_name=None):
               "fan_in_fan_out": all(not issubclass(mod.base_type, nn.Linear) for _, mod in found),
               "modules_to_save": [name for name, _ in full_modules(model)] or None,
               "init_lora_weights": True, "inference_mode": True}
-    weights = {f"base_model.model.{k}": v for k, v in lora.items()}
 
     def write():
         os.makedirs(directory, exist_ok=True)
@@ -583,9 +509,8 @@ def save_lora(model, directory, base_name=None):
 
 
 def write_atomically(path, write):
-    """Call write(file) on a new temporary file beside `path`, flush it to disk, then rename it:
-    `path` holds the old content or the new, never half of it. The file gets the mode a plain
-    open() would give (0666 less the umask), so that other users and services can read it."""
+    """Call write(file) on a new temporary file beside `path`, flush it to disk, then rename it: `path`
+    holds the old content or the new, never half. The mode is a plain open()'s (0666 less the umask)."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
@@ -598,38 +523,6 @@ def write_atomically(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def _rank_0_writes(write, path):
-    """write() in one process; under torch.distributed, write() on rank 0 alone, and every rank
-    returns once it has finished: broadcasting its outcome is the barrier, and a failure on rank 0
-    raises on every rank instead of leaving the others waiting."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return write()
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            write()
-        except Exception as err:
-            error = err
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise RuntimeError(f"rank 0 could not write {path}: {outcome[0]}")
-
-
-def _sha256(tensors):
-    """SHA-256 of the names, dtypes, shapes and bytes of a dict of tensors."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()  # host memory, one block
-        h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
-        # Its bytes, any dtype (bf16 too). A uint8 view's .numpy() would read them without a copy,
-        # but needs numpy, which torch does not install: sorsa.py needs only torch.
-        h.update(ctypes.string_at(t.data_ptr(), t.nbytes))
-    return h.hexdigest()
 
 
 def save_checked(tensors, path, **extra):
@@ -653,6 +546,16 @@ def load_checked(path):
     return content["tensors"], {k: v for k, v in content.items() if k not in ("tensors", "sha256")}
 
 
+def _sha256(tensors):
+    """SHA-256 of the names, dtypes, shapes and bytes of a dict of tensors."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()  # host memory, one block
+        h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(ctypes.string_at(t.data_ptr(), t.nbytes))  # any dtype's bytes, bf16 too, without numpy
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- analysis (Section 4)
 
 
@@ -660,10 +563,8 @@ def _svd64(W_0, W_t):
     """SVDs of two same-shape weights in float64 on the CPU, as the paper advises (App. B.1)."""
     tensors = isinstance(W_0, torch.Tensor) and isinstance(W_t, torch.Tensor)
     if not tensors or W_0.dim() != 2 or W_0.shape != W_t.shape:
-        raise ValueError(
-            f"delta_sigma/delta_d need two 2-D weights of one shape, got "
-            f"{tuple(getattr(W_0, 'shape', ()))} and {tuple(getattr(W_t, 'shape', ()))}"
-        )
+        raise ValueError(f"delta_sigma/delta_d need two 2-D weights of one shape, got "
+                         f"{tuple(getattr(W_0, 'shape', ()))} and {tuple(getattr(W_t, 'shape', ()))}")
     return [torch.linalg.svd(W.detach().to("cpu", torch.float64), full_matrices=False) for W in (W_0, W_t)]
 
 
@@ -675,10 +576,8 @@ def delta_sigma(W_0, W_t):
 
 def delta_d(W_0, W_t):
     """Eqs. 8-10: 1 - mean |cosine| between matching singular vectors, (m, n), (m, n) -> float in [0, 1].
-
-    Singular vectors are matched by rank order, so the value is meaningful only where
-    singular values are distinct; the absolute value removes the SVD's sign ambiguity.
-    """
+    Vectors are matched by rank order, meaningful where singular values are distinct; the absolute
+    value removes the SVD's sign ambiguity."""
     (U_0, _, Vt_0), (U_t, _, Vt_t) = _svd64(W_0, W_t)
     dU = (U_t * U_0).sum(dim=0).abs()  # (k,) Eq. 8: |<u_t^i, u_0^i>|
     dV = (Vt_t * Vt_0).sum(dim=1).abs()  # (k,) Eq. 9: |<v_t^i, v_0^i>|
@@ -689,24 +588,17 @@ def delta_d(W_0, W_t):
 
 
 def _describe(value):
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, torch.Tensor) else \
-        f"a tensor of shape {tuple(value.shape)}"
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
+        f"{type(value).__name__} {value!r}"
 
 
-def _check_rank_type(rank):
-    """Raise unless rank is an int (bool excluded)."""
+def _check_rank(rank, m=None, n=None, where=""):
+    """Raise unless rank is an int (in [1, min(m, n)] if given); `where` names the layer for the message."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
-
-
-def _check_rank(rank, m, n, where=""):
-    """Raise unless rank is an int in [1, min(m, n)]; `where` names the layer for the message."""
-    _check_rank_type(rank)
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(
-            f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}]{where}; "
-            f"choose a rank between 1 and {min(m, n)}"
-        )
+    if m is not None and not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}]{where}; "
+                         f"choose a rank between 1 and {min(m, n)}")
 
 
 def _check_niter(niter):
@@ -715,7 +607,6 @@ def _check_niter(niter):
 
 
 def _check_gamma(gamma, lr_max):
-    """Raise unless gamma >= 0 and lr_max > 0 are numbers."""
     for name, value in (("gamma", gamma), ("lr_max", lr_max)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {_describe(value)}")
@@ -743,22 +634,19 @@ def _check_weight(weight, where=""):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight{where} must be a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)}")
     if not weight.is_floating_point():
-        raise TypeError(
-            f"weight{where} has dtype {weight.dtype}; SORSA needs a floating weight "
-            "(float32, float64, bfloat16 or float16): dequantize or cast it first"
-        )
+        raise TypeError(f"weight{where} has dtype {weight.dtype}; SORSA needs a floating weight "
+                        "(float32, float64, bfloat16 or float16): dequantize or cast it first")
     if not weight.is_meta and not torch.isfinite(weight).all():
         raise ValueError(f"weight{where} contains NaN or Inf; the SVD of a non-finite matrix is undefined")
 
 
 def _check_model_type(model, argument):
-    """Raise a TypeError unless `model` is an nn.Module or an iterable of SORSALinear layers."""
     if isinstance(model, (torch.Tensor, str, bytes)) or not (isinstance(model, nn.Module) or hasattr(model, "__iter__")):
         raise TypeError(f"{argument} must be an nn.Module or a list of SORSALinear layers, got {_describe(model)}")
 
 
 def _check_unwrapped_module(model, verb):
-    """The model to convert, seen through torch.compile; DDP must come after adapting."""
+    """The model to convert, seen through torch.compile; DDP and PEFT must come after adapting."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{verb} needs an nn.Module as its model, got {_describe(model)}")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -774,7 +662,6 @@ def _check_unwrapped_module(model, verb):
 
 
 def _require_adapters(model):
-    """sorsa_modules(model), or a ValueError saying how to add adapters first."""
     found = sorsa_modules(model)
     if not found:
         raise ValueError("the model has no SORSA adapters; call apply_sorsa(model, rank) first")
@@ -782,7 +669,6 @@ def _require_adapters(model):
 
 
 def _check_finite_factors(found, consequence):
-    """Raise, naming the layer and tensor, if a trained factor holds NaN or Inf."""
     for name, mod in found:
         for key in ("U_p", "S_p", "Vt_p"):
             if not torch.isfinite(full_tensor(getattr(mod, key))).all():
@@ -805,25 +691,17 @@ def _matches(name, target):
     return name == target or name.endswith("." + target)
 
 
-def _output_heads(model):
-    """Names of the output head: what model.get_output_embeddings() returns (Hugging Face models),
-    and any layer named lm_head."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {name for name, mod in model.named_modules() if mod is head or name.rsplit(".", 1)[-1] == "lm_head"}
-
-
 def _read_directly(model):
-    """Names of the layers whose parent reads their weight instead of calling them (the children of
-    nn.MultiheadAttention: its out_proj): a SORSA layer there would be bypassed."""
+    """Names of the layers whose parent reads their weight instead of calling them (nn.MultiheadAttention's
+    out_proj): a SORSA layer there would be bypassed."""
     return {f"{name}.{child}".lstrip(".") for name, mod in model.named_modules()
             if isinstance(mod, nn.MultiheadAttention) for child, _ in mod.named_children()}
 
 
 def _computes_linear(layer):
-    """Whether a layer computes x W^T + b: true of nn.Linear's own forward; an nn.Linear subclass with
-    its own forward (Falcon's FalconLinear) is run on a seeded probe input and compared with F.linear
-    (a router or a quantized layer does not match). On the meta device it cannot be told: true."""
+    """Whether a layer computes x W^T + b: true of nn.Linear's own forward; an nn.Linear subclass with its
+    own forward (Falcon's FalconLinear) is run on a seeded probe and compared with F.linear (a router or
+    a quantized layer does not match). On the meta device it cannot be told: true."""
     if not isinstance(layer, nn.Linear) or type(layer).forward is nn.Linear.forward or layer.weight.is_meta:
         return True
     W = layer.weight
@@ -835,6 +713,14 @@ def _computes_linear(layer):
         return False
     return (isinstance(y, torch.Tensor) and y.shape == expected.shape and
             torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * expected.float().abs().max().item() + 1e-30))
+
+
+def _unfit(name, mod, read_directly):
+    """Why a layer with a weight cannot be adapted, or None: a parent reads its weight, or its forward
+    is not x W^T + b."""
+    if name in read_directly:
+        return f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
+    return None if _computes_linear(mod) else f"{type(mod).__name__}, whose forward is not x W^T + b"
 
 
 def _select_full(model, modules_to_save):
@@ -849,63 +735,69 @@ def _select_full(model, modules_to_save):
     return sorted(set(names))
 
 
-def _select_targets(model, rank, targets, full=()):
-    """Names of the layers to adapt, after checking every one of them and every pattern.
-
-    Adaptable: every layer that computes x W^T + b with its weight (nn.Linear, a subclass that is
-    checked to, a Conv1D-style layer) and that its parent calls rather than reading the weight itself
-    (nn.MultiheadAttention's out_proj does not). targets None: every adaptable
-    layer but the output head, tied weights, layers with fewer outputs than the rank (a classification
-    head of a few labels), each named in one warning with why, and layers inside the modules that
-    train in full (`full`)."""
-    if sorsa_modules(model):
-        raise ValueError(
-            "the model already has SORSA adapters; adapting twice would split the split. "
-            "Call merge_sorsa(model) first, or start from the base model"
-        )
-    modules = [(name, mod) for name, mod in model.named_modules() if name]
-    linears = [name for name, mod in modules if _base_weight(mod) is not None]
-    for target in targets or ():
-        if not any(_matches(name, target) for name, _ in modules):
+def _check_targets_match(model, targets):
+    """Raise unless every pattern matches a module, suggesting near layer names."""
+    names = [name for name, _ in model.named_modules() if name]
+    linears = [name for name in names if _base_weight(model.get_submodule(name)) is not None]
+    for target in targets:
+        if not any(_matches(name, target) for name in names):
             suffixes = {".".join(name.split(".")[i:]) for name in linears for i in range(name.count(".") + 1)}
             near = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.6) or sorted(
                 {name.rsplit(".", 1)[-1] for name in linears})[:8]
             raise ValueError(f"target {target!r} matches no layer of the model; nothing was changed. "
                              f"Near names: {', '.join(near) or 'none: the model has no nn.Linear'}")
-    owners = {}  # id(parameter) -> every name it is reachable under (tied weights share one)
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    heads, read_directly, selected, skipped = _output_heads(model), _read_directly(model), [], []
-    for name, mod in modules:
+
+
+def _tied_to(model, name, mod):
+    """The other names of a layer's weight (tied weights share one tensor)."""
+    return [pname for pname, p in model.named_parameters(remove_duplicate=False)
+            if p is mod.weight and pname != f"{name}.weight"]
+
+
+def _left_out_by_default(model, name, mod, rank):
+    """Why target_modules=None leaves a layer out, or None: the output head (lm_head, or what
+    get_output_embeddings() returns), a weight tied to another, or fewer outputs than the rank."""
+    get = getattr(model, "get_output_embeddings", None)
+    if name.rsplit(".", 1)[-1] == "lm_head" or callable(get) and get() is mod:
+        return "the output head"
+    tied = _tied_to(model, name, mod)
+    m, n = _base_weight(mod).shape
+    return (f"tied to {', '.join(tied)}" if tied else f"rank {rank} is above its {m} outputs: a new "
+            "classification head trains in full with modules_to_save" if m < rank <= n else None)
+
+
+def _select_targets(model, rank, targets, full=()):
+    """Names of the layers to adapt, after checking every pattern and every layer (see apply_sorsa);
+    layers inside the modules that train in full (`full`) are left out."""
+    if sorsa_modules(model):
+        raise ValueError("the model already has SORSA adapters; adapting twice would split the split. "
+                         "Call merge_sorsa(model) first, or start from the base model")
+    _check_targets_match(model, targets or ())
+    read_directly, selected, skipped = _read_directly(model), [], []
+    for name, mod in model.named_modules():
         W_0 = _base_weight(mod)
-        if not (any(_matches(name, t) for t in targets) if targets else W_0 is not None):
-            continue
-        if W_0 is None:
-            raise TypeError(f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear or a "
-                            "Conv1D-style layer; pass target_modules that exclude it")
-        tied = [o for o in owners.get(id(mod.weight), []) if o != f"{name}.weight"]
         inside = [f for f in full if name == f or name.startswith(f + ".")]
-        m, n = W_0.shape
-        unfit = (f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
-                 if name in read_directly else None if _computes_linear(mod) else
-                 f"{type(mod).__name__}, whose forward is not x W^T + b")
-        problem = unfit or (f"in {inside[0]}, which trains in full" if inside else
-                            "the output head" if targets is None and name in heads else
-                            f"tied to {', '.join(tied)}" if tied else
-                            f"rank {rank} is above its {m} outputs: a new classification head trains in full "
-                            "with modules_to_save" if targets is None and m < rank <= n else None)
-        if targets is None:  # every linear layer, but what a default cannot adapt safely
-            if inside:  # the caller's choice: nothing to warn about
+        if targets is None:  # every linear layer but what a default cannot adapt safely, named in a warning
+            if W_0 is None or not name or inside:
                 continue
+            problem = _unfit(name, mod, read_directly) or _left_out_by_default(model, name, mod, rank)
             if problem:
                 skipped.append(f"{name} ({problem})")
                 continue
-        elif problem:
-            raise (TypeError if unfit else ValueError)(
-                f"{name} matches the targets but is {problem}; exclude it from target_modules")
-        where = f" for layer {name}"
-        _check_weight(W_0, where)
-        _check_rank(rank, *W_0.shape, where)
+        elif name and any(_matches(name, t) for t in targets):  # named by the caller: refuse what cannot be
+            if W_0 is None:
+                raise TypeError(f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear or a "
+                                "Conv1D-style layer; pass target_modules that exclude it")
+            unfit, tied = _unfit(name, mod, read_directly), _tied_to(model, name, mod)
+            problem = unfit or (f"in {inside[0]}, which trains in full" if inside else
+                                f"tied to {', '.join(tied)}" if tied else None)
+            if problem:
+                raise (TypeError if unfit else ValueError)(
+                    f"{name} matches the targets but is {problem}; exclude it from target_modules")
+        else:  # not named
+            continue
+        _check_weight(W_0, f" for layer {name}")
+        _check_rank(rank, *W_0.shape, f" for layer {name}")
         selected.append(name)
     if not selected:
         raise ValueError("the model has no nn.Linear or Conv1D-style layer to adapt"
@@ -919,15 +811,6 @@ def _select_targets(model, rank, targets, full=()):
     if skipped:
         warnings.warn(f"apply_sorsa adapted every linear layer but {'; '.join(skipped)}", stacklevel=3)
     return selected
-
-
-def _read_adapter(state):
-    """(a name for messages, the adapter dict) from a dict or a save_adapter file."""
-    if isinstance(state, dict):
-        return "the adapter state", state
-    if not isinstance(state, (str, os.PathLike)):
-        raise TypeError(f"state must be an adapter dict or a file path, got {_describe(state)}")
-    return f"adapter file {state}", load_checked(state)[0]
 
 
 def _group_adapter_state(state, source):
@@ -962,9 +845,9 @@ def _submodule(model, name, source):
 
 
 def _check_adapter_layer(model, name, parts, source, read_directly):
-    """Raise unless model.<name> is an nn.Linear or Conv1D-style layer the adapter factors fit."""
+    """Raise unless model.<name> is a layer computing x W^T + b that the adapter's factors fit."""
     mod = _submodule(model, name, source)
-    if _base_weight(mod) is None or name in read_directly or not _computes_linear(mod):
+    if _base_weight(mod) is None or _unfit(name, mod, read_directly):
         raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not a layer computing "
                         "x W^T + b (nn.Linear or Conv1D-style) that its parent calls")
     m, n = _base_weight(mod).shape
@@ -973,10 +856,8 @@ def _check_adapter_layer(model, name, parts, source, read_directly):
     for key in ADAPTER_KEYS:
         expected = shape_of[key.removesuffix("0")]
         if tuple(parts[key].shape) != expected:
-            raise ValueError(
-                f"{source}: tensor {name}.{key} has shape {tuple(parts[key].shape)} but layer {name} "
-                f"is {m}x{n} (out x in) at rank {r}, which needs {expected}; is it the right base model?"
-            )
+            raise ValueError(f"{source}: tensor {name}.{key} has shape {tuple(parts[key].shape)} but layer {name} "
+                             f"is {m}x{n} (out x in) at rank {r}, which needs {expected}; is it the right base model?")
     _check_rank(r, m, n, f" for layer {name} in {source}")
     for key in ADAPTER_KEYS:
         if not parts[key].is_floating_point() or not torch.isfinite(parts[key]).all():
@@ -984,12 +865,11 @@ def _check_adapter_layer(model, name, parts, source, read_directly):
 
 
 def _check_base(W_0, parts, where):
-    """Raise unless W_0 (m, n) is the weight the adapter was made from: its initial factors are W_0's
-    top-r singular triplets, so ||U_p0^T W_0 V_p0 - diag(S_p0)||_F / ||S_p0|| is ~0 there (bf16
-    rounding: ~1e-3) and ~1 for another model's weight of the same shape."""
+    """Raise unless W_0 (m, n) is the weight the adapter was made from: its initial factors are W_0's top-r
+    singular triplets, so ||U_p0^T W_0 V_p0 - diag(S_p0)||_F / ||S_p0|| is ~0 there and ~1 elsewhere."""
     if W_0.is_meta:
         return
-    cd = _wide(W_0.dtype, parts["U_p0"].dtype)
+    cd = _exact_dtype(W_0.dtype, parts["U_p0"].dtype)
     U0, S0, Vt0 = (parts[k].to(W_0.device, cd) for k in ("U_p0", "S_p0", "Vt_p0"))
     with torch.no_grad(), _full_float32():
         projected = (U0.mT @ W_0.to(cd)) @ Vt0.mT  # (r, r): diag(S_p0) for the right base
@@ -1030,9 +910,9 @@ def full_tensor(tensor):
 def _local_rows(factor):
     """(rows of a (k, r) factor held here, process group to sum their Grams over, or None).
 
-    FSDP2 shards a parameter by rows (dim 0) by default: U_p's rows are then split across
-    ranks, and F^T F is the sum of the ranks' local Grams. Vt_p^T is split by columns unless
-    Vt_p is sharded on dim 1 (fsdp_shard_placement), so it is gathered whole (an all-gather).
+    FSDP2 shards by rows (dim 0) by default: U_p's rows are split across ranks, and F^T F is the sum
+    of the ranks' Grams. Vt_p^T is split by columns unless Vt_p is sharded on dim 1
+    (fsdp_shard_placement), so it is gathered whole (an all-gather).
     """
     if not isinstance(factor, DTensor):
         return factor, None
@@ -1042,19 +922,37 @@ def _local_rows(factor):
 
 
 def _sum_over_ranks(gram, group):
-    """The sum over ranks of the local (L, r, r) Grams, in place: one all-reduce of r x r
-    matrices, never an all-gather of the factors. group None (one process): gram as it is."""
+    """The sum over ranks of the local (L, r, r) Grams, in place: one all-reduce of r x r matrices,
+    never an all-gather of the factors. group None (one process): gram as it is."""
     if group is not None:
         dist.all_reduce(gram, group=group)
     return gram
 
 
 def fsdp_shard_placement(model, world_size=None):
-    """A shard_placement_fn for fully_shard(m, shard_placement_fn=...): Vt_p and Vt_p0 by columns
-    (dim 1), so that the regularizer needs only r x r all-reduces, where the world size (default:
-    torch.distributed's) divides their width n; FSDP2 shards dims other than 0 only evenly, so
-    where it does not (n = 4096 on 3, 6, 12 or 24 ranks), and for every other tensor, rows (the
-    default). The regularizer is correct either way: a Vt_p held by rows is gathered whole."""
+    """A shard_placement_fn for fully_shard(m, shard_placement_fn=...): Vt_p and Vt_p0 by columns (dim 1),
+    so that the regularizer needs only r x r all-reduces, where the world size (default:
+    torch.distributed's) divides their width n (FSDP2 shards other dims only evenly); every other tensor
+    by rows. The regularizer is correct either way: a Vt_p held by rows is gathered whole."""
     world = world_size or dist.get_world_size()
     by_columns = {id(p) for _, mod in sorsa_modules(model) for p in (mod.Vt_p, mod.Vt_p0) if p.shape[1] % world == 0}
     return lambda param: Shard(1) if id(param) in by_columns else None
+
+
+def _rank_0_writes(write, path):
+    """write() in one process; under torch.distributed, on rank 0 alone, and every rank returns once it
+    has finished: broadcasting its outcome is the barrier, and rank 0's failure raises on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return write()
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except Exception as err:
+            error = err
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 could not write {path}: {outcome[0]}")
