@@ -232,11 +232,11 @@ def regularizer_overhead(device, model_cfg, batch_size):
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     rng = random.Random(0)
     problems = [train_tiny.word_problem(rng) for _ in range(batch_size)]
-    rt = train_tiny.Runtime(device, amp=device.type == "cuda")
+    runtime = train_tiny.Runtime(device, amp=device.type == "cuda")
 
     def step(gamma):
         def call():
-            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, rt)
+            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, runtime)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return call

@@ -20,11 +20,11 @@ from theory import condition_number, eq14, gamma, regularizer
 
 
 def test_the_gamma_script_pairs_the_two_weights_by_base_and_seed(monkeypatch):
-    """theory.gamma's paired table, on stand-in results of train_tiny.run: 0.208 is 0.4 plus 10
+    """theory.gamma's paired table, on stand-in results of theory.comparison.run: 0.208 is 0.4 plus 10
     validation points on every (base, seed), seeds listed in different orders; the table must pair
     them, find +10.0% on every base and pooled, and call it higher; test accuracy, equal, not established."""
     import random
-    import train_tiny
+    from theory import comparison
 
     def run(cfg):
         shift = 0.1 if cfg.gamma_ratio == gamma.EFFECTIVE else 0.0
@@ -34,7 +34,7 @@ def test_the_gamma_script_pairs_the_two_weights_by_base_and_seed(monkeypatch):
                                    "forget_loss": 1.0} for s in seeds}} for b in (0, 1, 2)}
         return {"final": final}
 
-    monkeypatch.setattr(train_tiny, "run", run)
+    monkeypatch.setattr(comparison, "run", run)
     rows = gamma.paired_table().splitlines()[2:]
     assert [row.split(" | ")[0] for row in rows] == ["| base 0", "| base 1", "| base 2", "| pooled"]
     for row in rows:

@@ -1,5 +1,5 @@
-"""train_tiny.py at tiny sizes, in-process: the demo's path, the learning-rate sweep's
-bookkeeping, the cached base model's faults and the bad-input handling."""
+"""train_tiny.py at tiny sizes, in-process: the demo's path, the cached base model's faults and the
+bad-input handling; and theory/comparison.py's bookkeeping (sweep, resuming, paired intervals)."""
 
 import copy
 import dataclasses
@@ -15,31 +15,32 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sorsa
 import train_tiny
+from theory import comparison
+from theory.comparison import Comparison
 from train_tiny import Config, GPTConfig, Runtime
 
 CPU = Runtime(torch.device("cpu"))
 
 
-def tiny_config(tmp_path, **overrides):
+def tiny_config(tmp_path, kind=Config, **overrides):
     """A run small enough for the default test suite (a few seconds per method on 2 cores)."""
     cfg = dict(steps=30, pretrain_steps=150, test_size=40, val_size=20, rank=4, batch_size=16,
                model=GPTConfig(n_layer=1, d_model=32), out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
     cfg.update(overrides)
-    return Config(**cfg)
+    return kind(**cfg)
 
 
 def test_every_method_lowers_the_eval_loss_and_sorsa_merges_and_reloads_exactly(tmp_path):
     report = train_tiny.run(tiny_config(tmp_path))
     base_loss = report["base"][0]
     assert set(report["results"]) == set(train_tiny.METHODS)
-    for method, by_lr in report["results"].items():
-        ((lr, (result,)),) = by_lr.items()
-        assert lr == (3e-3 if method.startswith("sorsa") else 2e-3)  # the paper's 1.5x for SORSA
+    for method, (result,) in report["results"].items():
+        assert result["lr"] == (3e-3 if method.startswith("sorsa") else 2e-3)  # the paper's 1.5x for SORSA
         assert result["eval_loss"] < base_loss, method
     rows, adapter_bytes, base_bytes = report["checks"]
     merged_acc, merged_diff = rows["merged"]
     reloaded_acc, reloaded_diff = rows["reloaded"]
-    sorsa_acc = report["results"]["sorsa"][3e-3][0]["accuracy"]
+    sorsa_acc = report["results"]["sorsa"][0]["accuracy"]
     assert merged_diff < 1e-4 and reloaded_diff < 1e-4  # float32 logits of size ~10
     assert merged_acc == reloaded_acc == sorsa_acc
     assert adapter_bytes < base_bytes
@@ -51,9 +52,8 @@ def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
     fine-tuning, greedy decoding), the regularizer turning it off; run here on every submission."""
     cfg = tiny_config(tmp_path, methods="sorsa,pissa", autocast="on", steps=20)
     report = train_tiny.run(cfg)
-    assert report["rt"].amp
-    for method, by_lr in report["results"].items():
-        (result,) = next(iter(by_lr.values()))
+    assert report["runtime"].amp
+    for method, (result,) in report["results"].items():
         assert result["eval_loss"] < report["base"][0], method
     rows = report["checks"][0]
     assert rows["reloaded"][1] < 0.1 and rows["merged"][1] < 0.1  # bf16 logits of size ~10: a few eps_bf16
@@ -101,7 +101,7 @@ def test_an_unchanged_model_forgets_nothing_and_measuring_changes_no_model(tmp_p
     cfg = tiny_config(tmp_path, pretrain_steps=40)
     base, _ = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
     heldout = train_tiny.heldout_text(cfg, 32)
-    data = train_tiny.Evaluation([], [], heldout, train_tiny.pretraining_skills(base, heldout, CPU))
+    data = train_tiny.EvalData([], [], heldout, train_tiny.pretraining_skills(base, heldout, CPU))
     for training in (True, False):
         model = copy.deepcopy(base).train(training)
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,18 +149,18 @@ def test_the_papers_recipe_is_the_default(tmp_path, monkeypatch):
     assert len(clips) == 5 + 2 * 2 and set(clips) == {1.0}  # every step of each
 
 
-# ----------------------------------------------------------------------------- the learning-rate sweep
+# ----------------------------------------------------------------------------- theory/comparison.py
 
 
-def fake_base(cfg, base_seed, rt, progress):
-    """prepare_base without pretraining: a name for the base model and an empty Evaluation."""
-    return f"base {base_seed}", "path", train_tiny.Evaluation([], [], None, (1.0, 1.0)), (1.0, 0.0)
+def fake_base(cfg, base_seed, runtime, progress):
+    """prepare_base without pretraining: a name for the base model and an empty EvalData."""
+    return f"base {base_seed}", "path", train_tiny.EvalData([], [], None, (1.0, 1.0)), (1.0, 0.0)
 
 
 def fake_finetune(calls, score=None):
     """A finetune that records what it was given and returns a result at once; its accuracy is
     score(method, lr), by default a learning rate that "helps"."""
-    def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
+    def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
         calls.append((method, lr, cfg.gamma(method, lr), seed, base))
         acc = score(method, lr) if score else {"sorsa": 0.5, "pissa": 0.4}.get(method, 0.1) + lr
         return {"params": 1, "train_loss": 1.0, "eval_loss": 1.0 - acc, "accuracy": acc, "val_loss": 1.0 - acc,
@@ -172,14 +172,14 @@ def fake_finetune(calls, score=None):
 def fake_sweep(monkeypatch, calls, score=None):
     monkeypatch.setattr(train_tiny, "prepare_base", fake_base)
     monkeypatch.setattr(train_tiny, "finetune", fake_finetune(calls, score))
-    monkeypatch.setattr(train_tiny, "hessian_lambda_max", lambda *a, **k: 2.0)
+    monkeypatch.setattr(comparison, "hessian_lambda_max", lambda *a, **k: 2.0)
 
 
 def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_resumes(tmp_path, monkeypatch):
     calls = []
     fake_sweep(monkeypatch, calls)
-    cfg = tiny_config(tmp_path, methods="sorsa,sorsa_g0,pissa", lrs="1e-3,4e-3", seeds=2, gamma_ratio=0.25)
-    report = train_tiny.run(cfg)
+    cfg = tiny_config(tmp_path, Comparison, methods="sorsa,sorsa_g0,pissa", lrs="1e-3,4e-3", seeds=2, gamma_ratio=0.25)
+    report = comparison.run(cfg)
     assert sorted(calls) == sorted((m, lr, g, s, "base 0") for m in ("sorsa", "sorsa_g0", "pissa") for lr in (1e-3, 4e-3)
                                    for g in [0.25 * lr if m == "sorsa" else 0.0] for s in (0, 1))
     assert set(report["results"]["sorsa"]) == {1e-3, 4e-3}  # the listed lr, not 1.5x
@@ -188,11 +188,11 @@ def test_sweep_gives_every_method_each_listed_lr_with_gamma_over_lr_held_and_res
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
     calls.clear()
-    again = train_tiny.run(cfg)
+    again = comparison.run(cfg)
     assert calls == [(m, 4e-3, 0.0, s, "base 0") for m in ("sorsa_g0", "pissa") for s in (0, 1)]
     assert again["results"] == report["results"]
     calls.clear()
-    train_tiny.run(Config(**{**cfg.__dict__, "rank": 2}))  # another experiment: nothing is reused
+    comparison.run(dataclasses.replace(cfg, rank=2))  # another experiment: nothing is reused
     assert len(calls) == 12
 
 
@@ -201,9 +201,9 @@ def test_sweep_refines_by_sqrt_2_then_runs_new_seeds_at_the_chosen_rate_on_every
     sqrt 2 neighbours are added and 5.66e-3 wins; then seeds 2-4 (never used to choose) on bases 0 and 1."""
     calls = []
     fake_sweep(monkeypatch, calls, score=lambda method, lr: 1 - abs(math.log(lr / 5e-3)))
-    cfg = tiny_config(tmp_path, methods="sorsa,lora", lrs="1e-3,4e-3,1.6e-2", seeds=2, refine=True, final_seeds=3,
-                      base_seeds="0,1")
-    report = train_tiny.run(cfg)
+    cfg = tiny_config(tmp_path, Comparison, methods="sorsa,lora", lrs="1e-3,4e-3,1.6e-2", seeds=2, refine=True,
+                      final_seeds=3, base_seeds="0,1")
+    report = comparison.run(cfg)
     up, down = 4e-3 * math.sqrt(2), 4e-3 / math.sqrt(2)
     for method in ("sorsa", "lora"):
         assert sorted(report["results"][method]) == sorted([1e-3, 4e-3, 1.6e-2, down, up])
@@ -211,11 +211,11 @@ def test_sweep_refines_by_sqrt_2_then_runs_new_seeds_at_the_chosen_rate_on_every
             {(lr, s, "base 0") for lr in (1e-3, 4e-3, 1.6e-2, down, up) for s in (0, 1)} | \
             {(up, s, b) for s in (2, 3, 4) for b in ("base 0", "base 1")}
     assert set(report["final"]) == {0, 1} and set(report["final"][1]["lora"]) == {2, 3, 4}
-    table = train_tiny.sweep_table(report["results"], report["lambdas"])
+    table = comparison.sweep_table(report["results"], report["lambdas"])
     assert f"| sorsa | **{up:.3g}** | 2 |" in table and "| sorsa | 0.004 | 2 |" in table
     assert "| lora | 0.00566 | 2 | 1 |" in table  # lambda_max 2, so 2 / lambda_max = 1
     calls.clear()
-    train_tiny.run(cfg)  # everything is in the log
+    comparison.run(cfg)  # everything is in the log
     assert calls == []
 
 
@@ -230,37 +230,37 @@ def test_the_comparison_pairs_runs_by_seed_and_states_only_what_the_interval_dec
     sorsa_acc = [v + 0.1 for v in spread]
     final = {0: {"sorsa": runs(sorsa_acc), "pissa": runs(spread),
                  "lora": runs([v - d for v, d in zip(sorsa_acc, [0.05, 0.4, 0.05, 0.05, 0.05])])}}
-    table = train_tiny.comparison_tables(final)
+    table = comparison.comparison_tables(final)
     assert "| base 0 | pissa | 5 | +10.0% [+10.0%, +10.0%], sorsa higher |" in table
     assert "| base 0 | lora | 5 | +12.0% [-7.4%, +31.4%], not established |" in table
-    _, _, (low, high) = train_tiny.interval(sorsa_acc)
+    _, _, (low, high) = comparison.interval(sorsa_acc)
     assert low < statistics.mean(spread) < high  # unpaired, the +0.1 is inside the interval
 
 
 def test_t_quantile_and_interval_match_the_tables():
     for df, t in [(1, 12.706), (2, 4.303), (9, 2.262), (29, 2.045)]:
-        assert abs(train_tiny.t_975(df) - t) < 1e-3
-    mean, std, (low, high) = train_tiny.interval([1.0, 2.0, 3.0])
+        assert abs(comparison.t_975(df) - t) < 1e-3
+    mean, std, (low, high) = comparison.interval([1.0, 2.0, 3.0])
     assert (mean, std) == (2.0, 1.0) and math.isclose(high - mean, 4.3027 / math.sqrt(3), rel_tol=1e-4)
-    assert train_tiny.verdict(*train_tiny.interval([0.1, 0.2, 0.15])[2]) == "higher"
-    assert train_tiny.verdict(*train_tiny.interval([-0.1, 0.2])[2]) == "not established"
-    assert train_tiny.verdict(*train_tiny.interval([-0.1, -0.2, -0.15])[2]) == "lower"
+    assert comparison.verdict(*comparison.interval([0.1, 0.2, 0.15])[2]) == "higher"
+    assert comparison.verdict(*comparison.interval([-0.1, 0.2])[2]) == "not established"
+    assert comparison.verdict(*comparison.interval([-0.1, -0.2, -0.15])[2]) == "lower"
 
 
 def test_run_key_changes_with_every_setting_that_changes_an_experiment_and_only_with_those():
     """A resumed sweep reuses a logged run only when its key matches: a key blind to, say, the
     step count would silently mix 100-step and 300-step results in one table."""
-    cfg = Config()
-    same = {"methods": "lora", "lrs": "1e-3", "seeds": 3, "out": "elsewhere", "device": "cpu",
-            "cache": "other", "base_seeds": "1,2", "refine": True, "final_seeds": 10}  # each run logs its base
-    assert train_tiny.run_key(Config(**{**cfg.__dict__, **same})) == train_tiny.run_key(cfg)
+    cfg = Comparison()
+    same = {"methods": "lora", "lrs": "1e-3", "seeds": 3, "out": "elsewhere", "device": "cpu", "cache": "other",
+            "base_seeds": "1,2", "base_seed": 1, "refine": True, "final_seeds": 10}  # each run logs its base
+    assert comparison.run_key(dataclasses.replace(cfg, **same)) == comparison.run_key(cfg)
     changed = {"targets": "fc", "rank": 4, "steps": 7, "lr": 1e-2, "gamma_ratio": 0.5, "batch_size": 8,
                "test_size": 10, "val_size": 10, "pretrain_steps": 9, "pretrain_batch": 4, "pretrain_lr": 1e-4,
                "autocast": "on", "fsdp": True, "quick": True,
                "model": dataclasses.replace(cfg.model, n_layer=1)}
-    assert set(changed) | set(same) == {f.name for f in dataclasses.fields(Config)}
+    assert set(changed) | set(same) == {f.name for f in dataclasses.fields(Comparison)}
     for name, value in changed.items():
-        assert train_tiny.run_key(Config(**{**cfg.__dict__, name: value})) != train_tiny.run_key(cfg), name
+        assert comparison.run_key(dataclasses.replace(cfg, **{name: value})) != comparison.run_key(cfg), name
 
 
 def test_validation_split_is_disjoint_from_the_test_set_and_from_training():
@@ -277,9 +277,9 @@ def test_best_lr_is_chosen_on_validation_not_on_the_test_set():
     def run(val, test):
         return [{"val_accuracy": val, "val_loss": 1 - val, "accuracy": test}]
     by_lr = {1e-3: run(0.9, 0.5), 2e-3: run(0.6, 0.99)}
-    assert train_tiny.best_lr(by_lr) == 1e-3
+    assert comparison.best_lr(by_lr) == 1e-3
     tied = {1e-3: [{"val_accuracy": 0.9, "val_loss": 0.3}], 2e-3: [{"val_accuracy": 0.9, "val_loss": 0.2}]}
-    assert train_tiny.best_lr(tied) == 2e-3
+    assert comparison.best_lr(tied) == 2e-3
 
 
 def test_hessian_power_iteration_finds_the_largest_eigenvalue_of_the_dense_hessian():
@@ -301,7 +301,7 @@ def test_hessian_power_iteration_finds_the_largest_eigenvalue_of_the_dense_hessi
     with sdpa_kernel(SDPBackend.MATH):
         eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
     assert eigenvalues[0] < 0 and abs(eigenvalues[0]) > eigenvalues[-1]  # the case that needs the shifted run
-    lam = train_tiny.hessian_lambda_max("pissa", base, problems, cfg, CPU, iters=300)
+    lam = comparison.hessian_lambda_max("pissa", base, problems, cfg, CPU, iters=300)
     assert abs(lam - eigenvalues[-1].item()) <= 1e-3 * abs(eigenvalues[-1].item())
 
 
@@ -314,8 +314,6 @@ def test_hessian_power_iteration_finds_the_largest_eigenvalue_of_the_dense_hessi
     (["--methods", "sorsa,dora"], "unknown method(s) dora"),
     (["--targets", "lm_head"], "unknown target(s) lm_head"),
     (["--steps", "0"], "--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1"),
-    (["--lrs", "1e-3,fast"], "--lrs '1e-3,fast' must be positive numbers"),
-    (["--lrs", "1e-3,-1"], "must be positive numbers"),
     (["--fsdp"], "--fsdp shards across processes: start with torchrun"),
 ])
 def test_bad_arguments_exit_with_status_2_and_a_message(argv, words, capsys):
@@ -348,8 +346,22 @@ def test_an_unwritable_folder_exits_with_status_2_naming_its_flag(tmp_path, caps
 
 def test_sweep_log_lines_are_json_with_the_run_key_and_the_base(tmp_path, monkeypatch):
     fake_sweep(monkeypatch, [])
-    cfg = tiny_config(tmp_path, methods="lora", lrs="1e-3", base_seeds="3")
-    train_tiny.run(cfg)
+    cfg = tiny_config(tmp_path, Comparison, methods="lora", lrs="1e-3", base_seeds="3")
+    comparison.run(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "sweep.jsonl")]
     assert [(r["method"], r["lr"], r["seed"], r["base_seed"], r["key"]) for r in rows] == \
-        [("lora", 1e-3, 0, 3, train_tiny.run_key(cfg))]
+        [("lora", 1e-3, 0, 3, comparison.run_key(cfg))]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lrs", "1e-3,fast"], "--lrs '1e-3,fast' must be positive numbers"),
+    (["--lrs", "1e-3,-1"], "must be positive numbers"),
+    (["--lrs", "1e-3", "--base_seeds", "0,x"], "--base_seeds '0,x' must be integers >= 0"),
+    (["--lrs", "1e-3", "--final_seeds", "-1"], "--final_seeds must be >= 0"),
+    (["--lrs", "1e-3", "--rank", "97"], "--rank 97 is outside [1, 96]"),  # the demo's checks apply too
+    (["--steps", "5"], "the following arguments are required: --lrs"),
+])
+def test_bad_comparison_arguments_exit_with_status_2_and_a_message(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        comparison.parse_args(argv)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err

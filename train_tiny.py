@@ -11,12 +11,12 @@ decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
     python train_tiny.py --quick          # smoke run
-    python train_tiny.py --lrs 1e-3,2e-3,4e-3,8e-3 --seeds 3    # each method at each learning rate
-    python train_tiny.py --lrs ... --refine --final_seeds 10 --base_seeds 0,1,2   # docs/comparison.md
+    python train_tiny.py --seeds 3        # every method on seeds 0-2: mean +- std
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
 Every run also measures forgetting: the rise of the loss on held-out pretraining text and the
-change of arithmetic accuracy, against the base model.
+change of arithmetic accuracy, against the base model. The comparison with each method at its own
+learning rate, chosen on validation, is theory/comparison.py, built from this file's pieces.
 """
 
 import argparse
@@ -39,7 +39,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sorsa
 
@@ -96,7 +95,7 @@ def word_problem(rng):
 
 
 def held_out(cfg):
-    """(test problems, validation problems): disjoint, and never drawn for training. The sweep
+    """(test problems, validation problems): disjoint, and never drawn for training. The comparison
     picks each method's learning rate on the validation set and reports the test set."""
     test = [word_problem(random.Random(f"test {i}")) for i in range(cfg.test_size)]
     seen, val, i = {p for p, _ in test}, [], 0
@@ -110,10 +109,10 @@ def held_out(cfg):
 
 
 @dataclass
-class Evaluation:
-    """What every fine-tuning run on one base model is measured on."""
+class EvalData:
+    """The data every fine-tuning run on one base model is measured on, and the base model's scores."""
     test: list  # (prompt, answer) word problems, reported
-    val: list  # other word problems, on which a sweep picks each method's learning rate
+    val: list  # other word problems, on which the comparison picks each method's learning rate
     heldout: torch.Tensor  # (B, T + 1) pretraining text never trained on: forgetting
     base_skills: tuple  # the base model's (held-out loss, arithmetic accuracy)
 
@@ -225,12 +224,9 @@ class Config:
     # established either way), 0.4, 1.2, 3.6 and its nominal 13.3, which drowns this task's gradients
     # (python -m theory.gamma; docs/gamma.md).
     gamma_ratio: float = 0.4
-    lrs: str = ""  # a sweep: e.g. "1e-3,2e-3,4e-3"; every method (SORSA too) at each, gamma = gamma_ratio * lr
-    refine: bool = False  # a sweep: then also each method's best lr / sqrt 2 and * sqrt 2
-    final_seeds: int = 0  # a sweep: then each method at its chosen lr on this many new seeds, on every base
     batch_size: int = 32  # the global batch; under torchrun each rank takes its share
-    seeds: int = 1  # repeat every method with seeds 0 .. seeds-1 (in a sweep: to choose the lr); mean +- std
-    base_seeds: str = "0"  # pretraining seeds of the base models; the first is the demo's and chooses a sweep's lr
+    seeds: int = 1  # repeat every method with seeds 0 .. seeds-1; mean +- std
+    base_seed: int = 0  # pretraining seed of the base model
     test_size: int = 200  # held-out word problems, reported
     val_size: int = 200  # other held-out problems, on which a sweep picks each method's learning rate
     pretrain_steps: int = 2500
@@ -242,23 +238,16 @@ class Config:
     cache: str = "runs/cache"  # pretrained base models, keyed by their configuration
     quick: bool = False  # smoke run: fewer steps everywhere
     model: GPTConfig = dataclasses.field(default_factory=GPTConfig)
+    FLAGS = ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "seeds", "base_seed", "batch_size",
+             "test_size", "val_size", "pretrain_steps", "out", "cache")  # plain --flags (a class attribute)
 
-    def method_lr(self, method, lr=None):
-        """A method's learning rate: in a sweep the listed lr for every method; else self.lr,
-        times 1.5 for SORSA as in the paper."""
-        if lr is not None:
-            return lr
+    def method_lr(self, method):
+        """A method's learning rate in the demo: self.lr, times 1.5 for SORSA as in the paper."""
         return 1.5 * self.lr if method.startswith("sorsa") else self.lr
 
     def gamma(self, method, lr):
         """SORSA's gamma at its learning rate lr: gamma / lr stays gamma_ratio (Eq. 6's weight)."""
         return self.gamma_ratio * lr if method in ("sorsa", "sorsa_sq") else 0.0
-
-    def sweep_lrs(self):
-        return [float(v) for v in self.lrs.split(",")] if self.lrs else []
-
-    def base_seed_list(self):
-        return [int(v) for v in self.base_seeds.split(",")]
 
     def shrink_for_quick(self):
         """The --quick settings: a smaller model, a short pretraining and fine-tuning, fewer test problems."""
@@ -309,22 +298,22 @@ def pretraining_batches(cfg, base_seed):
     return (pretrain_chunks(rng, cfg, cfg.pretrain_batch) for _ in range(cfg.pretrain_steps))
 
 
-def lm_loss(model, chunk, rt):
+def lm_loss(model, chunk, runtime):
     """Next-character cross-entropy at every position of windows (B, T + 1): pretraining's loss."""
-    with rt.autocast():
+    with runtime.autocast():
         logits = model(chunk[:, :-1])  # (B, T, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
 
 
-def pretrain(cfg, base_seed, rt, progress):
+def pretrain(cfg, base_seed, runtime, progress):
     """Train TinyGPT on the generated corpus, its initialization and data drawn from base_seed;
     returns the model and its final loss."""
     torch.manual_seed(base_seed)
-    model = TinyGPT(cfg.model).to(rt.device)
+    model = TinyGPT(cfg.model).to(runtime.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.pretrain_steps)
     for step, chunk in enumerate(pretraining_batches(cfg, base_seed)):
-        loss = lm_loss(model, chunk.to(rt.device), rt)
+        loss = lm_loss(model, chunk.to(runtime.device), runtime)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -334,29 +323,29 @@ def pretrain(cfg, base_seed, rt, progress):
     return model, loss.item()
 
 
-def base_model(cfg, base_seed, rt, progress):
+def base_model(cfg, base_seed, runtime, progress):
     """The base model pretrained with base_seed, from the cache, or pretrained now and cached
     atomically with a checksum. Under torchrun rank 0 pretrains while the others wait."""
     key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
-                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": rt.amp, "base_seed": base_seed,
+                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp, "base_seed": base_seed,
                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
-    if rt.main or rt.world == 1:
-        model = cached_base(cfg, key, path, rt)
+    if runtime.main or runtime.world == 1:
+        model = cached_base(cfg, key, path, runtime)
         if model is None:
             start = time.time()
-            model, loss = pretrain(cfg, base_seed, rt, progress)
+            model, loss = pretrain(cfg, base_seed, runtime, progress)
             os.makedirs(cfg.cache, exist_ok=True)
             sorsa.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
-            rt.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
-    if rt.world > 1:
+            runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
+    if runtime.world > 1:
         dist.barrier()  # rank 0 has written the cache
-        if not rt.main:
-            model = cached_base(cfg, key, path, rt)
-    return model.to(rt.device), path
+        if not runtime.main:
+            model = cached_base(cfg, key, path, runtime)
+    return model.to(runtime.device), path
 
 
-def cached_base(cfg, key, path, rt):
+def cached_base(cfg, key, path, runtime):
     """The cached base model, or None when there is none or it is unusable (truncated,
     corrupted or made with another configuration: it is then rebuilt, never trusted)."""
     if not os.path.exists(path):
@@ -368,9 +357,9 @@ def cached_base(cfg, key, path, rt):
         model = TinyGPT(cfg.model)
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as err:
-        rt.say(f"base model: cache {path} unusable ({err}); pretraining again")
+        runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
         return None
-    rt.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
+    runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
     return model
 
 
@@ -432,13 +421,13 @@ def prepare(method, base, cfg):
     return model
 
 
-def distribute(model, method, rt):
+def distribute(model, method, runtime):
     """The model as it trains under torchrun: DDP, or FSDP2 by block (SORSA's Vt_p by columns,
     so its regularizer needs only r x r all-reduces); as it is in one process."""
-    if rt.world == 1:
+    if runtime.world == 1:
         return model
-    if not rt.fsdp:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+    if not runtime.fsdp:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
                                                    else None)
     placement = sorsa.fsdp_shard_placement(model) if method.startswith("sorsa") else None
     for block in model.blocks:
@@ -470,25 +459,25 @@ def weight_change(model, base, names):
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def answer_loss(model, batch, rt, tokens=None):
+def answer_loss(model, batch, runtime, tokens=None):
     """Cross-entropy on the answer tokens, summed and divided by `tokens` (default: this batch's)."""
     x, y, mask = batch
-    with rt.autocast():
+    with runtime.autocast():
         logits = model(x)
     return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (tokens or mask.sum())
 
 
 @torch.no_grad()
-def greedy(model, prompts, new_tokens, rt):
+def greedy(model, prompts, new_tokens, runtime):
     """The greedy continuation of each prompt, up to its first newline."""
     by_length = {}
     for i, prompt in enumerate(prompts):  # batch prompts of one length: no padding inside a prompt
         by_length.setdefault(len(prompt), []).append(i)
     out = [None] * len(prompts)
     for length, rows in by_length.items():
-        idx = torch.tensor([encode(prompts[i]) for i in rows], device=rt.device)  # (B, length)
+        idx = torch.tensor([encode(prompts[i]) for i in rows], device=runtime.device)  # (B, length)
         for _ in range(new_tokens):
-            with rt.autocast():
+            with runtime.autocast():
                 nxt = model(idx)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         for i, ids in zip(rows, idx.tolist()):
@@ -508,24 +497,24 @@ def evaluating(model):
         model.train(was_training)
 
 
-def evaluate(model, problems, rt):
+def evaluate(model, problems, runtime):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
     Under torchrun every rank evaluates the same problems (FSDP2 needs every rank's shards)."""
     with evaluating(model):
-        loss = answer_loss(model, problem_batch(problems, rt.device), rt).item()
+        loss = answer_loss(model, problem_batch(problems, runtime.device), runtime).item()
         # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
         # number, as GSM-8K scores the number after "####".
-        answers = greedy(model, [p + " " for p, _ in problems], 8, rt)
+        answers = greedy(model, [p + " " for p, _ in problems], 8, runtime)
     correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
     return loss, correct / len(problems)
 
 
-def arithmetic_accuracy(model, rt, n=200):
+def arithmetic_accuracy(model, runtime, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
     facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
     with evaluating(model):
-        got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, rt)
+        got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, runtime)
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 
@@ -535,29 +524,29 @@ def heldout_text(cfg, n=256):
     return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
 
 
-def pretraining_skills(model, heldout, rt):
+def pretraining_skills(model, heldout, runtime):
     """(loss on held-out pretraining text, arithmetic accuracy): what fine-tuning may make a model forget."""
     with evaluating(model):
-        loss = lm_loss(model, heldout.to(rt.device), rt).item()
-    return loss, arithmetic_accuracy(model, rt)
+        loss = lm_loss(model, heldout.to(runtime.device), runtime).item()
+    return loss, arithmetic_accuracy(model, runtime)
 
 
-def forgetting(model, data, rt):
+def forgetting(model, data, runtime):
     """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model,
     as PEFT's method comparison reports forgetting; an unchanged model gives exactly (0, 0)."""
-    loss, arithmetic = pretraining_skills(model, data.heldout, rt)
+    loss, arithmetic = pretraining_skills(model, data.heldout, runtime)
     return loss - data.base_skills[0], arithmetic - data.base_skills[1]
 
 
-def train_step(model, opt, params, problems, gamma, lr_max, rt, squared=False):
+def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False):
     """One step of the paper's recipe on a global batch of problems, in the authors' order: the
     answer loss's backward, its gradient clipped to norm 1.0, then (gamma / lr_max) grad L_reg
     added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under torchrun each rank
     takes every world-th problem and divides its summed loss by the global batch's token count
     times world, so that DDP's mean of the gradients is the single-process gradient. Returns the
     global batch's answer loss."""
-    local = problems[rt.rank::rt.world]
-    loss = answer_loss(model, problem_batch(local, rt.device), rt, answer_tokens(problems) / rt.world)
+    local = problems[runtime.rank::runtime.world]
+    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, answer_tokens(problems) / runtime.world)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -565,18 +554,19 @@ def train_step(model, opt, params, problems, gamma, lr_max, rt, squared=False):
         sorsa.add_regularizer_grad(model, gamma, lr_max, squared)
     opt.step()
     loss = loss.detach()
-    if rt.world > 1:
+    if runtime.world > 1:
         dist.all_reduce(loss)
-        loss /= rt.world
+        loss /= runtime.world
     return loss
 
 
-def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
-    """Fine-tune one method with one seed at learning rate lr on one base model (data: its
-    Evaluation); the reported numbers, and the model."""
+def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
+    """Fine-tune one method with one seed at learning rate lr on one base model (data: its EvalData);
+    the reported numbers, and the model. log(row) gets the test scores at 5 points of the run (curve)
+    or at its end only."""
     test, val = data.test, data.val
     torch.manual_seed(seed)  # LoRA's initialization
-    model = distribute(prepare(method, base, cfg), method, rt)
+    model = distribute(prepare(method, base, cfg), method, runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = sorsa.cosine_schedule(opt, cfg.steps)
@@ -586,31 +576,30 @@ def finetune(method, lr, base, data, cfg, seed, rt, progress, log):
     losses, step_time = [], 0.0
     for step, problems in enumerate(training_batches(seed, cfg, exclude)):
         start = time.perf_counter()
-        loss = train_step(model, opt, params, problems, gamma, lr, rt, squared=method == "sorsa_sq")
+        loss = train_step(model, opt, params, problems, gamma, lr, runtime, squared=method == "sorsa_sq")
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
-        curve = not cfg.lrs and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0)  # a sweep: the end only
-        if curve or step + 1 == cfg.steps:
-            eval_loss, acc = evaluate(model, test, rt)
+        if curve and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0) or step + 1 == cfg.steps:
+            eval_loss, acc = evaluate(model, test, runtime)
             d_sigma, d_d = weight_change(model, base, names)
             log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
                  "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
-    val_loss, val_acc = evaluate(model, val, rt)
-    forget_loss, forget_arithmetic = forgetting(model, data, rt)
+    val_loss, val_acc = evaluate(model, val, runtime)
+    forget_loss, forget_arithmetic = forgetting(model, data, runtime)
     tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
-    return {"params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
+    return {"lr": lr, "params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
             "eval_loss": eval_loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
             "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
             "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
 
 
-def check_merge_and_adapter(model, base, test, cfg, rt, base_path):
+def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
     """The SORSA model saved as an adapter and reloaded into a fresh base, and merged in place into
     plain nn.Linear layers, against the trained one: accuracy, logits, file sizes."""
     model = sorsa.unwrap(model)  # DDP's wrapper is for training; FSDP2 shards in place
-    x = problem_batch(test, rt.device)[0]
+    x = problem_batch(test, runtime.device)[0]
     with torch.no_grad():
         logits = model(x).float()
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
@@ -622,68 +611,11 @@ def check_merge_and_adapter(model, base, test, cfg, rt, base_path):
     for label, m in (("merged", model), ("reloaded", reloaded)):
         with torch.no_grad():
             diff = (m(x).float() - logits).abs().max().item()
-        rows[label] = (evaluate(m, test, rt)[1], diff)
+        rows[label] = (evaluate(m, test, runtime)[1], diff)
     return rows, os.path.getsize(path), os.path.getsize(base_path)
 
 
-def hessian_lambda_max(method, base, problems, cfg, rt, iters=60):
-    """The largest eigenvalue of the task loss's Hessian with respect to a method's trainable
-    parameters at the start of fine-tuning (float32, no autocast, one fixed batch), by power
-    iteration on Hessian-vector products. Power iteration finds the eigenvalue largest in size;
-    when that one is negative, a second run on H - lambda I finds the largest. Classical
-    stability bound for a gradient step: lr < 2 / lambda_max."""
-    torch.manual_seed(0)
-    model = prepare(method, base, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    with sdpa_kernel(SDPBackend.MATH):  # attention built of plain ops, which autograd differentiates twice
-        loss = answer_loss(model, problem_batch(problems, rt.device), dataclasses.replace(rt, amp=False))
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-
-    def power_iteration(shift):  # the eigenvalue of H - shift I largest in size, plus shift
-        gen = torch.Generator().manual_seed(0)
-        v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
-        lam = 0.0
-        for _ in range(iters):
-            norm = torch.sqrt(sum((u * u).sum() for u in v))
-            v = [u / norm for u in v]
-            Hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-            Hv = [h.detach() - shift * u for h, u in zip(Hv, v)]
-            lam = sum((u * h).sum() for u, h in zip(v, Hv)).item()  # Rayleigh quotient of H - shift I
-            v = Hv
-        return lam + shift
-
-    largest_in_size = power_iteration(0.0)
-    return largest_in_size if largest_in_size >= 0 else power_iteration(largest_in_size)
-
-
 # ----------------------------------------------------------------------------- reporting
-
-
-def t_975(df):
-    """The 97.5% quantile of Student's t with df degrees of freedom (12.71 for 1, 2.26 for 9), by
-    bisection on its distribution function, the density integrated by Simpson's rule."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def mass(t, n=400):  # P(0 < T < t)
-        f = [c * (1 + (t * i / n) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
-        return t / (3 * n) * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-    lo, hi = 0.0, 64.0
-    for _ in range(50):
-        lo, hi = ((lo + hi) / 2, hi) if mass((lo + hi) / 2) < 0.475 else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
-
-
-def interval(values):
-    """(mean, standard deviation, the 95% confidence interval of the mean as (low, high)) over runs:
-    mean +- t_975(n - 1) std / sqrt(n). With one run the interval is unbounded."""
-    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    half = t_975(len(values) - 1) * std / math.sqrt(len(values)) if len(values) > 1 else math.inf
-    return mean, std, (mean - half, mean + half)
-
-
-def verdict(low, high):
-    """What a paired comparison's 95% interval (low, high) establishes about the mean difference."""
-    return "higher" if low > 0 else "lower" if high < 0 else "not established"
 
 
 COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
@@ -693,15 +625,15 @@ COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{
            ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
 
 
-def cell(runs, key, fmt, ci=False):
-    """mean +- std over the runs, and with ci its 95% interval."""
-    mean, std, (low, high) = interval([r[key] for r in runs])
-    text = fmt.format(mean) + (f" ± {fmt.format(std).lstrip('+')}" if len(runs) > 1 else "")
-    return text + (f" [{fmt.format(low)}, {fmt.format(high)}]" if ci and len(runs) > 1 else "")
+def cell(runs, key, fmt):
+    """mean +- std of runs[i][key] over the runs (seeds)."""
+    values = [r[key] for r in runs]
+    text = fmt.format(statistics.mean(values))
+    return text + (f" ± {fmt.format(statistics.stdev(values)).lstrip('+')}" if len(values) > 1 else "")
 
 
 def results_table(results):
-    """Markdown table: one row per method, mean +- std over seeds."""
+    """Markdown table: one row per method ({method: runs}), mean +- std over seeds."""
     lines = ["| method | trainable params | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 2) + "|"]
     for method, runs in results.items():
@@ -709,67 +641,20 @@ def results_table(results):
     return "\n".join(lines)
 
 
-def best_lr(by_lr):
-    """The learning rate with the best mean validation accuracy (then the lower validation loss)."""
-    def score(lr):
-        loss = statistics.mean(r["val_loss"] for r in by_lr[lr])
-        return statistics.mean(r["val_accuracy"] for r in by_lr[lr]), -loss if math.isfinite(loss) else -math.inf
-    return max(by_lr, key=score)
-
-
-def sweep_table(grid, lambdas):
-    """Every method at every learning rate on the seeds that choose it ({method: {lr: runs}}):
-    n, validation and test accuracy, eval loss and forgetting, mean +- std [95% interval]; the
-    chosen lr in bold, beside lambda_max of the task loss's Hessian at the start."""
-    lines = ["| method | lr | n | val accuracy | test accuracy [95% CI] | eval loss | Δ held-out loss | Δ arithmetic |",
-             "|---" * 8 + "|"]
-    for method, by_lr in grid.items():
-        chosen = best_lr(by_lr)
-        for lr in sorted(by_lr):
-            runs, mark = by_lr[lr], "**" if lr == chosen else ""
-            lines.append(f"| {method} | {mark}{lr:.3g}{mark} | {len(runs)} | {cell(runs, 'val_accuracy', '{:.1%}')} | "
-                         f"{cell(runs, 'accuracy', '{:.1%}', ci=True)} | {cell(runs, 'eval_loss', '{:.3f}')} | "
-                         f"{cell(runs, 'forget_loss', '{:+.3f}')} | {cell(runs, 'forget_arithmetic', '{:+.1%}')} |")
-    lines += ["", "| method | chosen lr | lambda_max | 2 / lambda_max |", "|---|---|---|---|"]
-    lines += [f"| {m} | {best_lr(by_lr):.3g} | {lambdas.get(m, math.nan):.3g} | {2 / lambdas.get(m, math.nan):.3g} |"
-              for m, by_lr in grid.items()]
-    return "\n".join(lines)
-
-
-def comparison_tables(final, reference="sorsa"):
-    """The final comparison ({base: {method: {seed: result}}}, each method at its chosen lr on new
-    seeds): per base and pooled over bases, each method's test accuracy and forgetting [95% CI],
-    then reference minus each other method paired by (base, seed): the mean difference, its
-    interval, and what the interval establishes."""
-    groups = {**{f"base {b}": {b: by_method} for b, by_method in final.items()}, "pooled": final}
-    keys = [("test accuracy", "accuracy", "{:+.1%}"), ("Δ held-out loss", "forget_loss", "{:+.3f}"),
-            ("Δ arithmetic", "forget_arithmetic", "{:+.1%}")]
-    lines = ["| bases | method | n | " + " | ".join(f"{name} [95% CI]" for name, _, _ in keys) + " |", "|---" * 6 + "|"]
-    pairs = [f"| bases | {reference} minus | n pairs | " + " | ".join(f"{name}: mean difference [95% CI], verdict"
-                                                           for name, _, _ in keys) + " |", "|---" * 6 + "|"]
-    for label, bases in groups.items():
-        methods = next(iter(bases.values()))
-        for method in methods:
-            runs = [r for by_method in bases.values() for r in by_method[method].values()]
-            lines.append(f"| {label} | {method} | {len(runs)} | "
-                         + " | ".join(cell(runs, key, fmt.replace("+", ""), ci=True) for _, key, fmt in keys) + " |")
-            if method == reference or reference not in methods:
-                continue
-            matched = [(by_method[reference][s], by_method[method][s]) for by_method in bases.values()
-                       for s in by_method[method] if s in by_method[reference]]
-            cells = []
-            for _, key, fmt in keys:
-                diffs = [a[key] - b[key] for a, b in matched]
-                mean, _, (low, high) = interval(diffs)
-                word = verdict(low, high)
-                cells.append(f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}], "
-                             + (word if word == "not established" else f"{reference} {word}"))
-            pairs.append(f"| {label} | {method} | {len(matched)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + pairs)
+def pyplot():
+    """matplotlib's pyplot, drawing to files, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
+        return None
 
 
 def plot(log_path, out):
-    """Loss and delta curves per method as a PNG, when matplotlib is installed."""
+    """curves.png: eval loss, delta_sigma and delta_d against the step, per method (seed 0)."""
     plt = pyplot()
     if plt is None:
         return
@@ -788,64 +673,30 @@ def plot(log_path, out):
     print(f"plot: {os.path.join(out, 'curves.png')}")
 
 
-def plot_sweep(grid, out):
-    """sweep.png: test accuracy against learning rate, one line per method, error bars over seeds.
-    forgetting.png: test accuracy against forgetting (the rise of the held-out pretraining loss),
-    one point per method and learning rate, the trade-off PEFT's method comparison draws."""
-    plt = pyplot()
-    if plt is None:
-        return
-    (fig, ax), (fig2, bx) = plt.subplots(figsize=(7, 4.5)), plt.subplots(figsize=(7, 4.5))
-    for method, by_lr in grid.items():
-        lrs = sorted(by_lr)
-        acc = [interval([r["accuracy"] for r in by_lr[lr]])[:2] for lr in lrs]
-        forget = [statistics.mean(r["forget_loss"] for r in by_lr[lr]) for lr in lrs]
-        line = ax.errorbar(lrs, [m for m, _ in acc], yerr=[s for _, s in acc], label=method, capsize=3, marker="o")
-        bx.plot(forget, [m for m, _ in acc], marker="o", label=method, color=line[0].get_color())
-        for lr, x, (y, _) in zip(lrs, forget, acc):
-            bx.annotate(f"{lr:.2g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    all_lrs = sorted({lr for by_lr in grid.values() for lr in by_lr})
-    ax.set_xscale("log")
-    ax.set_xticks(all_lrs, [f"{lr:.2g}" for lr in all_lrs], fontsize=7)
-    ax.minorticks_off()
-    ax.set(xlabel="learning rate", ylabel="test accuracy")
-    bx.set(xlabel="forgetting: rise of the loss on held-out pretraining text", ylabel="test accuracy",
-           title="one point per method and learning rate (labels)")
-    for figure, axes, name in ((fig, ax, "sweep.png"), (fig2, bx, "forgetting.png")):
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(os.path.join(out, name), dpi=100)
-        print(f"plot: {os.path.join(out, name)}")
-
-
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
-        return None
-
-
 class Progress:
-    """Prints step, loss and an ETA over the whole run, about every 5% of each phase (rank 0)."""
+    """Prints step, loss and an ETA over a phase's planned steps, about every 5% of each part (rank 0)."""
 
-    def __init__(self, total_steps, rt):
-        self.total, self.done, self.start, self.rt = total_steps, 0, time.time(), rt
+    def __init__(self, total_steps, runtime):
+        self.total, self.done, self.start, self.runtime = total_steps, 0, time.time(), runtime
 
     def __call__(self, phase, step, steps, loss):
         self.done += 1
         if step == steps or step % max(1, steps // 20) == 0:
             eta = (time.time() - self.start) / self.done * max(0, self.total - self.done)
-            self.rt.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
+            self.runtime.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
+
+
+def append_jsonl(path, row, runtime):
+    """Append one JSON line to a log (rank 0 only)."""
+    if runtime.main:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------- entry points
 
 
-def runtime(cfg):
+def start_runtime(cfg):
     """The Runtime of this process: under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set, as
     nanoGPT reads them) it joins the process group, NCCL on CUDA and gloo on the CPU."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -870,137 +721,71 @@ def end_distributed():
     os._exit(0)
 
 
-def run_key(cfg):
-    """What makes two runs of one method, lr and seed the same experiment (for resuming a sweep).
-    Where files go and which device runs it do not (the cached base is keyed by its own settings)."""
-    ignored = ("methods", "lrs", "seeds", "refine", "final_seeds", "base_seeds", "out", "device", "cache")
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+def describe(cfg, runtime):
+    """One line saying what this run computes, and where."""
+    return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, bf16 autocast "
+            f"{runtime.amp}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}")
 
 
-def finished_runs(path, key):
-    """{(method, lr, seed, base seed): result} of the runs a sweep log holds for this configuration."""
-    if not os.path.exists(path):
-        return {}
-    done = {}
-    for line in open(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by an interruption
-            continue
-        if row.get("key") == key:
-            done[(row["method"], row["lr"], row["seed"], row["base_seed"])] = row["result"]
-    return done
-
-
-def prepare_base(cfg, base_seed, rt, progress):
-    """(base model, its cache path, its Evaluation): pretrained or cached, measured once."""
-    base, path = base_model(cfg, base_seed, rt, progress)
+def prepare_base(cfg, base_seed, runtime, progress):
+    """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task): pretrained or
+    cached, measured once."""
+    base, path = base_model(cfg, base_seed, runtime, progress)
     base.requires_grad_(False)
     test, val = held_out(cfg)
     heldout = heldout_text(cfg)
-    data = Evaluation(test, val, heldout, pretraining_skills(base, heldout, rt))
-    loss, acc = evaluate(base, test, rt)
-    rt.say(f"base model {base_seed}: {data.base_skills[1]:.1%} of 200 arithmetic facts right, held-out "
-           f"pretraining loss {data.base_skills[0]:.3f}; on the task: eval loss {loss:.3f}, accuracy {acc:.1%}")
+    data = EvalData(test, val, heldout, pretraining_skills(base, heldout, runtime))
+    loss, acc = evaluate(base, test, runtime)
+    runtime.say(f"base model {base_seed}: {data.base_skills[1]:.1%} of 200 arithmetic facts right, held-out "
+                f"pretraining loss {data.base_skills[0]:.3f}; on the task: eval loss {loss:.3f}, accuracy {acc:.1%}")
     return base, path, data, (loss, acc)
 
 
 def run(cfg):
-    """The whole experiment. The demo: every method at the paper's learning rates. A sweep: every
-    method at each listed lr on seeds 0 .. seeds-1 of the first base model, the lr chosen on
-    validation (with refine, after adding the chosen lr / sqrt 2 and * sqrt 2), then with final_seeds
-    each method at its chosen lr on that many new seeds of every base. Returns results and checks."""
-    rt = runtime(cfg)
-    methods, bases, grid_lrs = cfg.methods.split(","), cfg.base_seed_list(), cfg.sweep_lrs() or [None]
-    rt.say(f"device {rt.device}, {rt.world} process(es){' (FSDP2)' if rt.fsdp else ''}, bf16 autocast {rt.amp}, "
-           f"methods {', '.join(methods)}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}"
-           + (f", learning rates {cfg.lrs}, base models {cfg.base_seeds}" if cfg.lrs else ""))
-    planned = len(methods) * cfg.seeds * (len(grid_lrs) + 2 * cfg.refine) + len(bases) * len(methods) * cfg.final_seeds
-    progress = Progress((len(bases) if cfg.final_seeds else 1) * cfg.pretrain_steps + planned * cfg.steps, rt)
+    """The demo: every method at the paper's learning rates on seeds 0 .. seeds-1 of one base model, and
+    the trained SORSA model (seed 0) merged and reloaded. Returns the results ({method: runs}) and checks."""
+    runtime = start_runtime(cfg)
+    methods = cfg.methods.split(",")
+    runtime.say(describe(cfg, runtime))
+    base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime, Progress(cfg.pretrain_steps, runtime))
+    progress = Progress(len(methods) * cfg.seeds * cfg.steps, runtime)
     os.makedirs(cfg.out, exist_ok=True)
-    log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
-    done = finished_runs(sweep_path, key) if cfg.lrs else {}
-    if rt.main and not cfg.lrs:
-        open(log_path, "w").close()  # a sweep appends to its log; a plain run starts a new one
-
-    def log(row, path=log_path):
-        if rt.main:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    prepared, results, checks = {}, {}, None  # results: {base: {method: {lr: {seed: result}}}}
-
-    def runs(method, lr, seeds, base_seed):
-        """Fine-tune (or find in the sweep log) method at lr on these seeds of one base model."""
-        nonlocal checks
-        if base_seed not in prepared:
-            before = progress.done
-            prepared[base_seed] = prepare_base(cfg, base_seed, rt, progress)
-            progress.total -= cfg.pretrain_steps - (progress.done - before)  # none when it was cached
-        base, base_path, data, _ = prepared[base_seed]
-        out = results.setdefault(base_seed, {}).setdefault(method, {}).setdefault(lr, {})
-        for seed in seeds:
-            if (method, lr, seed, base_seed) in done:
-                out[seed] = done[(method, lr, seed, base_seed)]
-                progress.total -= cfg.steps
-                continue
-            out[seed], model = finetune(method, lr, base, data, cfg, seed, rt, progress, log)
-            if cfg.lrs:
-                log({"key": key, "method": method, "lr": lr, "seed": seed, "base_seed": base_seed,
-                     "result": out[seed]}, sweep_path)
-            elif method == "sorsa" and seed == 0:
-                checks = check_merge_and_adapter(model, base, data.test, cfg, rt, base_path)
-        return [out[seed] for seed in seeds]
-
-    first, seeds = bases[0], range(cfg.seeds)
-    for lr in grid_lrs:
-        for method in methods:
-            runs(method, cfg.method_lr(method, lr), seeds, first)
-    report = {"base": prepared[first][3], "rt": rt, "log": log_path, "checks": checks}
-    grid = {m: {lr: [by_seed[s] for s in seeds] for lr, by_seed in results[first][m].items()} for m in methods}
-    if not cfg.lrs:
-        return {**report, "results": grid}
-    if cfg.refine:  # the neighbours of each method's best rate, on a sqrt 2 grid
-        for method in methods:
-            best = best_lr(grid[method])
-            for lr in (best / math.sqrt(2), best * math.sqrt(2)):
-                if lr not in grid[method]:
-                    grid[method][lr] = runs(method, lr, seeds, first)
-    chosen = {m: best_lr(grid[m]) for m in methods}
-    final_seeds = range(cfg.seeds, cfg.seeds + cfg.final_seeds)
-    final = {b: {m: dict(zip(final_seeds, runs(m, chosen[m], final_seeds, b))) for m in methods}
-             for b in bases} if cfg.final_seeds else {}
-    batch = next(training_batches(0, cfg, {p for p, _ in prepared[first][2].test + prepared[first][2].val}))
-    lambdas = {m: hessian_lambda_max(m, prepared[first][0], batch, cfg, rt) for m in methods}
-    return {**report, "results": grid, "final": final, "lambdas": lambdas}
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    if runtime.main:
+        open(log_path, "w").close()
+    results, checks = {}, None
+    for method in methods:
+        for seed in range(cfg.seeds):
+            result, model = finetune(method, cfg.method_lr(method), base, data, cfg, seed, runtime, progress,
+                                     lambda row: append_jsonl(log_path, row, runtime))
+            results.setdefault(method, []).append(result)
+            if method == "sorsa" and seed == 0:
+                checks = check_merge_and_adapter(model, base, data.test, cfg, runtime, base_path)
+    return {"base": base_scores, "runtime": runtime, "log": log_path, "checks": checks, "results": results}
 
 
-def parse_args(argv=None):
-    """A Config from the command line; bad values exit with status 2 and a message."""
-    defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser(defaults, description=__doc__):
+    """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
     parser.add_argument("--autocast", choices=["auto", "on", "off"], help="bf16 autocast; default 'auto': on CUDA only")
-    helps = {"lrs": "sweep: every method at each learning rate (SORSA at the listed lr, not 1.5x; "
-                    "gamma = gamma_ratio * lr, so the regularizer's weight stays put); resumes where it stopped",
-             "gamma_ratio": "SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices "
-                            "(the authors' scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight "
-                            "its runs had 0.208 (their trainer divided it by 64 accumulation steps)",
-             "final_seeds": "sweep: each method at its chosen lr on this many new seeds of every base model, "
-                            "compared pairwise with SORSA",
-             "base_seeds": "pretraining seeds of the base models, e.g. 0,1,2 (--base_seed 1 works too)"}
-    for field in ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "lrs", "seeds", "final_seeds",
-                  "base_seeds", "batch_size", "test_size", "val_size", "pretrain_steps", "out", "cache"):
+    gamma_help = ("SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices (the authors' "
+                  "scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight its runs had 0.208 (their "
+                  "trainer divided it by 64 accumulation steps); ")
+    for field in defaults.FLAGS:
         value = getattr(defaults, field)
         parser.add_argument(f"--{field}", type=type(value),
-                            help=f"{helps.get(field, '')}{'; ' if field in helps else ''}default {value!r}")
+                            help=f"{gamma_help if field == 'gamma_ratio' else ''}default {value!r}")
     parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
-    parser.add_argument("--refine", action="store_true", default=None,
-                        help="sweep: add each method's best lr / sqrt 2 and * sqrt 2, then choose again")
+    return parser
+
+
+def config_from(parser, defaults, argv=None):
+    """The Config the command line gives (--quick's settings under anything given explicitly); bad values
+    exit with status 2 and a message."""
     args = parser.parse_args(argv)
-    if args.quick:  # the quick settings, under anything given explicitly
+    if args.quick:
         defaults.shrink_for_quick()
     cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if v is not None})
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -1015,23 +800,9 @@ def parse_args(argv=None):
         parser.error(f"--rank {cfg.rank} is outside [1, {cfg.model.d_model}]: the smallest adapted layer "
                      f"is {cfg.model.d_model}x{cfg.model.d_model}")
     if min(cfg.steps, cfg.seeds, cfg.test_size, cfg.val_size, cfg.pretrain_steps) < 1 or not cfg.lr > 0 \
-            or not cfg.gamma_ratio >= 0:
+            or not cfg.gamma_ratio >= 0 or cfg.base_seed < 0:
         parser.error("--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1, "
-                     "--lr > 0 and --gamma_ratio >= 0")
-    try:
-        if not all(lr > 0 for lr in cfg.sweep_lrs()):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--lrs {cfg.lrs!r} must be positive numbers separated by commas, e.g. 1e-3,2e-3")
-    try:
-        if min(cfg.base_seed_list()) < 0:
-            raise ValueError
-    except ValueError:
-        parser.error(f"--base_seeds {cfg.base_seeds!r} must be integers >= 0 separated by commas, e.g. 0,1,2")
-    if (cfg.refine or cfg.final_seeds) and not cfg.lrs:
-        parser.error("--refine and --final_seeds belong to a sweep: give --lrs too")
-    if cfg.final_seeds < 0:
-        parser.error("--final_seeds must be >= 0")
+                     "--lr > 0, --gamma_ratio >= 0 and --base_seed >= 0")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
         parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
@@ -1047,24 +818,21 @@ def parse_args(argv=None):
     return cfg
 
 
+def parse_args(argv=None):
+    """The demo's Config from the command line."""
+    defaults = Config()
+    return config_from(argument_parser(defaults), defaults, argv)
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     start = time.time()
     report = run(cfg)
-    rt = report["rt"]
-    if rt.main:
+    if report["runtime"].main:
         print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
-        if cfg.lrs:
-            print(sweep_table(report["results"], report["lambdas"]))
-            if report["final"]:
-                print(f"\nAt the chosen learning rates, seeds {cfg.seeds}-{cfg.seeds + cfg.final_seeds - 1}:\n"
-                      + comparison_tables(report["final"]))
-            plot_sweep(report["results"], cfg.out)
-        else:
-            print(results_table({method: runs for method, by_lr in report["results"].items()
-                                 for runs in by_lr.values()}))
-            plot(report["log"], cfg.out)
-        if report["checks"]:
+        print(results_table(report["results"]))
+        plot(report["log"], cfg.out)
+        if report["checks"]:  # none when SORSA was not among the methods
             rows, adapter_bytes, base_bytes = report["checks"]
             for label, (acc, diff) in rows.items():
                 print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")

@@ -37,13 +37,13 @@ def tiny_gpt_layers(seeds=(0, 1)):
     (name, kappa(W_p,0), kappa(W_p^unreg), kappa(W_p^reg)) at the end of fine-tuning."""
     import train_tiny
     cfg = train_tiny.Config()
-    rt = train_tiny.runtime(cfg)
-    base, _, data, _ = train_tiny.prepare_base(cfg, 0, rt, lambda *a: None)
+    runtime = train_tiny.start_runtime(cfg)
+    base, _, data, _ = train_tiny.prepare_base(cfg, 0, runtime, lambda *a: None)
     out = {}
     for seed in seeds:
         kappas = {}
         for method in ("sorsa_g0", "sorsa"):
-            _, model = train_tiny.finetune(method, cfg.method_lr(method), base, data, cfg, seed, rt,
+            _, model = train_tiny.finetune(method, cfg.method_lr(method), base, data, cfg, seed, runtime,
                                            lambda *a: None, lambda row: None)
             for name, layer in sorsa.sorsa_modules(model):
                 W_p = (layer.U_p * layer.S_p) @ layer.Vt_p

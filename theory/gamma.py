@@ -20,6 +20,7 @@ What is measured, with train_tiny.py's recipe (the authors' order, cosine schedu
 import math
 
 import train_tiny
+from theory import comparison
 
 EFFECTIVE = 4e-4 / 3e-5 / 64  # 0.208: the weight of the paper's runs (64 accumulation steps)
 NOMINAL = 4e-4 / 3e-5  # 13.3: the paper's gamma / lr as written
@@ -34,26 +35,32 @@ def label(ratio):
             0.4: "0.4 (train_tiny's default)"}.get(ratio, f"{ratio:g}")
 
 
-def sorsa_runs(ratio, out, **settings):
-    """train_tiny.run for SORSA alone at gamma / lr = ratio; its report."""
-    cfg = train_tiny.Config(methods="sorsa", gamma_ratio=ratio, out=f"runs/gamma/{out}-{ratio:.4g}", **settings)
-    return train_tiny.run(cfg)
+def demo_runs(ratio):
+    """Part 1's runs: train_tiny's demo for SORSA alone at gamma / lr = ratio, seeds 0-2."""
+    cfg = train_tiny.Config(methods="sorsa", gamma_ratio=ratio, seeds=3, out=f"runs/gamma/demo-{ratio:.4g}")
+    return train_tiny.run(cfg)["results"]["sorsa"]
+
+
+def paired_runs(ratio):
+    """Part 2's runs: {base: {"sorsa": {seed: result}}} from theory.comparison, SORSA alone at gamma / lr = ratio."""
+    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs=repr(SWEEP_LR), steps=100, seeds=3,
+                                final_seeds=10, base_seeds="0,1,2", out=f"runs/gamma/paired-{ratio:.4g}")
+    return comparison.run(cfg)["final"]
 
 
 def demo_table():
     """Part 1: one row per ratio, mean +- std [95% interval] over seeds 0-2."""
     lines = ["| gamma / lr (mean) | n | " + " | ".join(name for name, _, _ in KEYS) + " |", "|---" * 5 + "|"]
     for ratio in RATIOS:
-        (runs,) = sorsa_runs(ratio, "demo", seeds=3)["results"]["sorsa"].values()
+        runs = demo_runs(ratio)
         lines.append(f"| {label(ratio)} | {len(runs)} | "
-                     + " | ".join(train_tiny.cell(runs, key, fmt, ci=True) for _, key, fmt in KEYS) + " |")
+                     + " | ".join(comparison.ci_cell(runs, key, fmt) for _, key, fmt in KEYS) + " |")
     return "\n".join(lines)
 
 
 def paired_table():
     """Part 2: 0.208 minus 0.4, paired by (base, seed), per base and pooled."""
-    final = {ratio: sorsa_runs(ratio, "paired", lrs=repr(SWEEP_LR), steps=100, seeds=3, final_seeds=10,
-                               base_seeds="0,1,2")["final"] for ratio in (EFFECTIVE, 0.4)}
+    final = {ratio: paired_runs(ratio) for ratio in (EFFECTIVE, 0.4)}
     bases = sorted(final[EFFECTIVE])
     lines = ["| bases | n pairs | " + " | ".join(f"{name}: 0.208 minus 0.4 [95% CI], verdict" for name, _, _ in KEYS)
              + " |", "|---" * 5 + "|"]
@@ -62,9 +69,9 @@ def paired_table():
                  for b in group for s in final[EFFECTIVE][b]["sorsa"]]
         cells = []
         for _, key, fmt in KEYS:
-            mean, _, (low, high) = train_tiny.interval([a[key] - b[key] for a, b in pairs])
+            mean, _, (low, high) = comparison.interval([a[key] - b[key] for a, b in pairs])
             cells.append(f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}], "
-                         f"{train_tiny.verdict(low, high)}")
+                         f"{comparison.verdict(low, high)}")
         name = f"base {group[0]}" if len(group) == 1 else "pooled"
         lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
