@@ -19,7 +19,7 @@ two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regular
 
 Map of the file: the method (svd_split, SORSALinear, orthonormal_regularizer, sorsa_loss or
 add_regularizer_grad, cosine_schedule, apply_sorsa, merge_sorsa); adapters and their files; the
-analysis metrics (delta_sigma, delta_d); the checks; the glue for DDP, FSDP2 and torch.compile.
+analysis metrics (delta_sigma, delta_d); the checks; precision helpers and the glue for DDP, FSDP2 and torch.compile.
 
 Precision, as in mixed-precision training: what trains (U_p, S_p, Vt_p, their initial copies) is
 stored in float32 (float64 stays float64), since bf16 would round away updates below 1/256 of an
@@ -51,35 +51,15 @@ BASE_TOLERANCE = 0.05  # load_adapter's base check: bf16 rounding of the right b
 # ----------------------------------------------------------------------------- SVD split (Eqs. 1-2)
 
 
-def _exact_dtype(*dtypes):
-    """The dtype of exact computations: float64 if any of the dtypes is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-@contextlib.contextmanager
-def _full_float32():
-    """float32 matmuls at full precision inside, whatever the caller set (TF32 on CUDA, bf16
-    passes on the CPU's oneDNN: 10- and 8-bit mantissas); the caller's settings come back after."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for b, value in zip(backends, saved):
-            b.fp32_precision = value
-
-
 def _add_W_p(W, U_p, S_p, Vt_p, alpha):
     """W + alpha U_p diag(S_p) Vt_p, computed wide and cast once to W's dtype: (m, n) -> (m, n).
 
     alpha = -1 gives W_r = W_0 - W_p (Eq. 2), a difference rather than U_r diag(S_r) V_r^T, so that
     W_r + W_p (alpha = +1, the merge) gives back W_0 to one rounding whatever the factors' accuracy.
     """
-    cd = _exact_dtype(W.dtype, U_p.dtype)
+    cd = _exact_dtype(W.dtype, U_p.dtype)  # float32, or float64 if either is
     out = W.detach().to(cd, memory_format=torch.contiguous_format, copy=True)  # (m, n), the one temporary
-    with _full_float32():
+    with _full_float32():  # no TF32 or bf16 passes, whatever the caller allows
         out.addmm_(U_p.to(cd) * S_p.to(cd), Vt_p.to(cd), alpha=alpha)  # diag(S_p) as a column scale
     return out.to(W.dtype)
 
@@ -132,7 +112,7 @@ def svd_split(weight, rank, niter=None, factor_dtype=None):
     if weight.is_meta:
         return (*(torch.empty(shape, device="meta", dtype=factor_dtype) for shape in ((m, rank), (rank,), (rank, n))),
                 torch.empty_like(weight))
-    with torch.no_grad(), _full_float32():
+    with torch.no_grad(), _full_float32():  # the sketch's products too at full precision
         U_p, S_p, Vt_p = (t.to(factor_dtype, memory_format=torch.contiguous_format, copy=True)
                           for t in _top_triplets(weight, rank, niter))
         # Eq. 2 from the stored factors, so that a narrow factor_dtype's rounding goes into W_r.
@@ -260,7 +240,7 @@ def _factor_stacks(found):
     stacks = {}  # (shape, dtype, device, group) -> factors; keyed by the whole shape, alike on every rank
     for _, mod in found:
         for factor in (mod.U_p, mod.Vt_p.mT):
-            local, group = _local_rows(factor)
+            local, group = _local_rows(factor)  # (factor, None) in one process
             stacks.setdefault((factor.shape, local.dtype, local.device, group), []).append(local)
     return [(torch.stack(fs).to(_exact_dtype(dtype)), group) for (_, dtype, _, group), fs in stacks.items()]
 
@@ -890,7 +870,27 @@ def _check_full_module(model, name, parts, source):
                          f"{ {k: tuple(v.shape) for k, v in own.items()} }; is it the right base model?")
 
 
-# ----------------------------------------------------------------------------- glue: DDP, FSDP2, torch.compile
+# ----------------------------------------------------------------------------- precision, and glue for DDP, FSDP2 and torch.compile
+
+
+def _exact_dtype(*dtypes):
+    """The dtype of exact computations: float64 if any of the dtypes is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """float32 matmuls at full precision inside, whatever the caller set (TF32 on CUDA, bf16
+    passes on the CPU's oneDNN: 10- and 8-bit mantissas); the caller's settings come back after."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
 
 
 def unwrap(model):
