@@ -228,7 +228,7 @@ class Config:
     seeds: int = 1  # repeat every method with seeds 0 .. seeds-1; mean +- std
     base_seed: int = 0  # pretraining seed of the base model
     test_size: int = 200  # held-out word problems, reported
-    val_size: int = 200  # other held-out problems, on which a sweep picks each method's learning rate
+    val_size: int = 200  # other held-out problems, on which theory/comparison.py picks each learning rate
     pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
@@ -824,23 +824,33 @@ def parse_args(argv=None):
     return config_from(argument_parser(defaults), defaults, argv)
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def report(cfg, experiment, show):
+    """Run experiment(cfg); on rank 0 print the base model's scores, show(result, cfg), the log and the
+    time taken; end a torchrun process."""
     start = time.time()
-    report = run(cfg)
-    if report["runtime"].main:
-        print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
-        print(results_table(report["results"]))
-        plot(report["log"], cfg.out)
-        if report["checks"]:  # none when SORSA was not among the methods
-            rows, adapter_bytes, base_bytes = report["checks"]
-            for label, (acc, diff) in rows.items():
-                print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
-            print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
-        print(f"log: {report['log']}")
+    result = experiment(cfg)
+    if result["runtime"].main:
+        print(f"\nbase model: eval loss {result['base'][0]:.3f}, accuracy {result['base'][1]:.1%}")
+        show(result, cfg)
+        print(f"log: {result['log']}")
         print(f"total time {time.time() - start:.0f} s")
     if dist.is_initialized():
         end_distributed()
+
+
+def show_demo(result, cfg):
+    """The demo's table, its plot and the SORSA model's merge and reload checks."""
+    print(results_table(result["results"]))
+    plot(result["log"], cfg.out)
+    if result["checks"]:  # none when SORSA was not among the methods
+        rows, adapter_bytes, base_bytes = result["checks"]
+        for label, (acc, diff) in rows.items():
+            print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
+        print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
+
+
+def main(argv=None):
+    report(parse_args(argv), run, show_demo)
 
 
 if __name__ == "__main__":

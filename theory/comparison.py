@@ -25,11 +25,9 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train_tiny
@@ -314,21 +312,17 @@ def parse_args(argv=None):
     return cfg
 
 
+def show(result, cfg):
+    """The sweep's table with lambda_max, the paired comparison and the plots."""
+    print(sweep_table(result["results"], result["lambdas"]))
+    if result["final"]:
+        print(f"\nAt the chosen learning rates, seeds {cfg.seeds}-{cfg.seeds + cfg.final_seeds - 1}:\n"
+              + comparison_tables(result["final"]))
+    plot_sweep(result["results"], cfg.out)
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
-    start = time.time()
-    report = run(cfg)
-    if report["runtime"].main:
-        print(f"\nbase model: eval loss {report['base'][0]:.3f}, accuracy {report['base'][1]:.1%}")
-        print(sweep_table(report["results"], report["lambdas"]))
-        if report["final"]:
-            print(f"\nAt the chosen learning rates, seeds {cfg.seeds}-{cfg.seeds + cfg.final_seeds - 1}:\n"
-                  + comparison_tables(report["final"]))
-        plot_sweep(report["results"], cfg.out)
-        print(f"log: {report['log']}")
-        print(f"total time {time.time() - start:.0f} s")
-    if dist.is_initialized():
-        train_tiny.end_distributed()
+    train_tiny.report(parse_args(argv), run, show)
 
 
 if __name__ == "__main__":
