@@ -185,7 +185,7 @@ class SORSALinear(nn.Module):
         linear = issubclass(self.base_type, nn.Linear)
         with torch.device("meta"):  # shapes only: the weights are assigned below, nothing is initialized
             if not linear:
-                layer = self.base_type(self.out_features, self.in_features)
+                layer = self.base_type(self.out_features, self.in_features)  # Conv1D(nf, nx)
             else:
                 cls = self.base_type if self.base_type.__init__ is nn.Linear.__init__ else nn.Linear
                 layer = cls(self.in_features, self.out_features, bias=self.bias is not None)
