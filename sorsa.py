@@ -356,7 +356,6 @@ def _convert(model, names, build, full):
     return list(names)
 
 
-
 def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None, modules_to_save=None):
     """Replace linear layers by SORSA layers in place and freeze the rest; return the layers' names.
 
@@ -426,9 +425,8 @@ def load_adapter(model, state, factor_dtype=None, check_base=True):
     layers, full = _group_adapter_state(state, source)
     if sorsa_modules(model):
         raise ValueError("the model already has SORSA adapters; load an adapter onto the base model")
-    read_directly = _read_directly(model)
     for name, parts in layers.items():
-        _check_adapter_layer(model, name, parts, source, read_directly)
+        _check_adapter_layer(model, name, parts, source)
         if check_base:
             _check_base(_base_weight(model.get_submodule(name)), parts, f"{source}: layer {name}")
     for name, parts in full.items():
@@ -671,13 +669,6 @@ def _matches(name, target):
     return name == target or name.endswith("." + target)
 
 
-def _read_directly(model):
-    """Names of the layers whose parent reads their weight instead of calling them (nn.MultiheadAttention's
-    out_proj): a SORSA layer there would be bypassed."""
-    return {f"{name}.{child}".lstrip(".") for name, mod in model.named_modules()
-            if isinstance(mod, nn.MultiheadAttention) for child, _ in mod.named_children()}
-
-
 def _computes_linear(layer):
     """Whether a layer computes x W^T + b: true of nn.Linear's own forward; an nn.Linear subclass with its
     own forward (Falcon's FalconLinear) is run on a seeded probe and compared with F.linear (a router or
@@ -695,10 +686,11 @@ def _computes_linear(layer):
             torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * expected.float().abs().max().item() + 1e-30))
 
 
-def _unfit(name, mod, read_directly):
-    """Why a layer with a weight cannot be adapted, or None: a parent reads its weight, or its forward
-    is not x W^T + b."""
-    if name in read_directly:
+def _unfit(model, name, mod):
+    """Why a layer with a weight cannot be adapted, or None: its parent reads its weight instead of calling
+    it (nn.MultiheadAttention's out_proj: a SORSA layer there would be bypassed), or its forward is not
+    x W^T + b."""
+    if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
         return f"{type(mod).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
     return None if _computes_linear(mod) else f"{type(mod).__name__}, whose forward is not x W^T + b"
 
@@ -753,14 +745,14 @@ def _select_targets(model, rank, targets, full=()):
         raise ValueError("the model already has SORSA adapters; adapting twice would split the split. "
                          "Call merge_sorsa(model) first, or start from the base model")
     _check_targets_match(model, targets or ())
-    read_directly, selected, skipped = _read_directly(model), [], []
+    selected, skipped = [], []
     for name, mod in model.named_modules():
         W_0 = _base_weight(mod)
         inside = [f for f in full if name == f or name.startswith(f + ".")]
         if targets is None:  # every linear layer but what a default cannot adapt safely, named in a warning
             if W_0 is None or not name or inside:
                 continue
-            problem = _unfit(name, mod, read_directly) or _left_out_by_default(model, name, mod, rank)
+            problem = _unfit(model, name, mod) or _left_out_by_default(model, name, mod, rank)
             if problem:
                 skipped.append(f"{name} ({problem})")
                 continue
@@ -768,7 +760,7 @@ def _select_targets(model, rank, targets, full=()):
             if W_0 is None:
                 raise TypeError(f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear or a "
                                 "Conv1D-style layer; pass target_modules that exclude it")
-            unfit, tied = _unfit(name, mod, read_directly), _tied_to(model, name, mod)
+            unfit, tied = _unfit(model, name, mod), _tied_to(model, name, mod)
             problem = unfit or (f"in {inside[0]}, which trains in full" if inside else
                                 f"tied to {', '.join(tied)}" if tied else None)
             if problem:
@@ -824,10 +816,10 @@ def _submodule(model, name, source):
         raise ValueError(f"{source} has layer {name}, which this model lacks; is it the right base model?") from None
 
 
-def _check_adapter_layer(model, name, parts, source, read_directly):
+def _check_adapter_layer(model, name, parts, source):
     """Raise unless model.<name> is a layer computing x W^T + b that the adapter's factors fit."""
     mod = _submodule(model, name, source)
-    if _base_weight(mod) is None or _unfit(name, mod, read_directly):
+    if _base_weight(mod) is None or _unfit(model, name, mod):
         raise TypeError(f"{source} targets {name}, which is {type(mod).__name__}, not a layer computing "
                         "x W^T + b (nn.Linear or Conv1D-style) that its parent calls")
     m, n = _base_weight(mod).shape
@@ -908,12 +900,9 @@ def full_tensor(tensor):
 
 
 def _local_rows(factor):
-    """(rows of a (k, r) factor held here, process group to sum their Grams over, or None).
-
-    FSDP2 shards by rows (dim 0) by default: U_p's rows are split across ranks, and F^T F is the sum
-    of the ranks' Grams. Vt_p^T is split by columns unless Vt_p is sharded on dim 1
-    (fsdp_shard_placement), so it is gathered whole (an all-gather).
-    """
+    """(rows of a (k, r) factor held here, process group to sum their Grams over, or None). FSDP2 shards
+    rows by default, so U_p's Gram is the sum of the ranks'; Vt_p^T, split by columns unless Vt_p is sharded
+    on dim 1 (fsdp_shard_placement), is gathered whole."""
     if not isinstance(factor, DTensor):
         return factor, None
     if factor.device_mesh.ndim == 1 and factor.placements == (Shard(0),):
