@@ -709,10 +709,10 @@ def _select_full(model, modules_to_save):
 
 def _check_targets_match(model, targets):
     """Raise unless every pattern matches a module, suggesting near layer names."""
-    names = [name for name, _ in model.named_modules() if name]
-    linears = [name for name in names if _base_weight(model.get_submodule(name)) is not None]
+    modules = [(name, mod) for name, mod in model.named_modules() if name]
     for target in targets:
-        if not any(_matches(name, target) for name in names):
+        if not any(_matches(name, target) for name, _ in modules):
+            linears = [name for name, mod in modules if _base_weight(mod) is not None]
             suffixes = {".".join(name.split(".")[i:]) for name in linears for i in range(name.count(".") + 1)}
             near = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.6) or sorted(
                 {name.rsplit(".", 1)[-1] for name in linears})[:8]
@@ -720,19 +720,12 @@ def _check_targets_match(model, targets):
                              f"Near names: {', '.join(near) or 'none: the model has no nn.Linear'}")
 
 
-def _tied_to(model, name, mod):
-    """The other names of a layer's weight (tied weights share one tensor)."""
-    return [pname for pname, p in model.named_parameters(remove_duplicate=False)
-            if p is mod.weight and pname != f"{name}.weight"]
-
-
-def _left_out_by_default(model, name, mod, rank):
-    """Why target_modules=None leaves a layer out, or None: the output head (lm_head, or what
-    get_output_embeddings() returns), a weight tied to another, or fewer outputs than the rank."""
-    get = getattr(model, "get_output_embeddings", None)
-    if name.rsplit(".", 1)[-1] == "lm_head" or callable(get) and get() is mod:
+def _left_out_by_default(name, mod, rank, head, tied):
+    """Why target_modules=None leaves a layer out, or None: the output head (lm_head, or `head`, what
+    get_output_embeddings() returns), a weight tied to others (`tied`: their names), or fewer outputs
+    than the rank."""
+    if name.rsplit(".", 1)[-1] == "lm_head" or mod is head:
         return "the output head"
-    tied = _tied_to(model, name, mod)
     m, n = _base_weight(mod).shape
     return (f"tied to {', '.join(tied)}" if tied else f"rank {rank} is above its {m} outputs: a new "
             "classification head trains in full with modules_to_save" if m < rank <= n else None)
@@ -745,14 +738,20 @@ def _select_targets(model, rank, targets, full=()):
         raise ValueError("the model already has SORSA adapters; adapting twice would split the split. "
                          "Call merge_sorsa(model) first, or start from the base model")
     _check_targets_match(model, targets or ())
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    owners = {}  # id(parameter) -> every name it has: tied weights share one
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
     selected, skipped = [], []
     for name, mod in model.named_modules():
         W_0 = _base_weight(mod)
         inside = [f for f in full if name == f or name.startswith(f + ".")]
+        tied = [o for o in owners.get(id(mod.weight), []) if o != f"{name}.weight"] if W_0 is not None else []
         if targets is None:  # every linear layer but what a default cannot adapt safely, named in a warning
             if W_0 is None or not name or inside:
                 continue
-            problem = _unfit(model, name, mod) or _left_out_by_default(model, name, mod, rank)
+            problem = _unfit(model, name, mod) or _left_out_by_default(name, mod, rank, head, tied)
             if problem:
                 skipped.append(f"{name} ({problem})")
                 continue
@@ -760,7 +759,7 @@ def _select_targets(model, rank, targets, full=()):
             if W_0 is None:
                 raise TypeError(f"{name} matches the targets but is {type(mod).__name__}, not nn.Linear or a "
                                 "Conv1D-style layer; pass target_modules that exclude it")
-            unfit, tied = _unfit(model, name, mod), _tied_to(model, name, mod)
+            unfit = _unfit(model, name, mod)
             problem = unfit or (f"in {inside[0]}, which trains in full" if inside else
                                 f"tied to {', '.join(tied)}" if tied else None)
             if problem:

@@ -581,7 +581,7 @@ def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=Tr
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
-        if curve and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0) or step + 1 == cfg.steps:
+        if (curve and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0)) or step + 1 == cfg.steps:
             eval_loss, acc = evaluate(model, test, runtime)
             d_sigma, d_d = weight_change(model, base, names)
             log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),

@@ -132,11 +132,11 @@ def sweep_table(grid, lambdas):
     chosen lr in bold, beside lambda_max of the task loss's Hessian at the start."""
     lines = ["| method | lr | n | val accuracy | test accuracy [95% CI] | eval loss | Δ held-out loss | Δ arithmetic |",
              "|---" * 8 + "|"]
+    cell = train_tiny.cell
     for method, by_lr in grid.items():
         chosen = best_lr(by_lr)
         for lr in sorted(by_lr):
             runs, mark = by_lr[lr], "**" if lr == chosen else ""
-            cell = train_tiny.cell
             lines.append(f"| {method} | {mark}{lr:.3g}{mark} | {len(runs)} | {cell(runs, 'val_accuracy', '{:.1%}')} | "
                          f"{ci_cell(runs, 'accuracy', '{:.1%}')} | {cell(runs, 'eval_loss', '{:.3f}')} | "
                          f"{cell(runs, 'forget_loss', '{:+.3f}')} | {cell(runs, 'forget_arithmetic', '{:+.1%}')} |")
