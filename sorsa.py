@@ -19,7 +19,8 @@ two matrices and no regularizer; SORSA keeps U_p, S_p and Vt_p apart and regular
 
 Map of the file: the method (svd_split, SORSALinear, orthonormal_regularizer, sorsa_loss or
 add_regularizer_grad, cosine_schedule, apply_sorsa, merge_sorsa); adapters and their files; the
-analysis metrics (delta_sigma, delta_d); the checks; precision helpers and the glue for DDP, FSDP2 and torch.compile.
+analysis metrics (delta_sigma, delta_d); the checks; precision helpers and the glue for DDP, FSDP2
+and torch.compile.
 
 Precision, as in mixed-precision training: what trains (U_p, S_p, Vt_p, their initial copies) is
 stored in float32 (float64 stays float64), since bf16 would round away updates below 1/256 of an
@@ -199,7 +200,7 @@ class SORSALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{layout}"
 
 
-# ----------------------------------------------------------------------------- the regularizer (Eq. 4), the update (Eq. 6)
+# ----------------------------------------------------------------------------- regularizer (Eq. 4), update (Eq. 6)
 
 
 class _GramDistance(torch.autograd.Function):
@@ -861,7 +862,7 @@ def _check_full_module(model, name, parts, source):
                          f"{ {k: tuple(v.shape) for k, v in own.items()} }; is it the right base model?")
 
 
-# ----------------------------------------------------------------------------- precision, and glue for DDP, FSDP2 and torch.compile
+# ----------------------------------------------------------------------------- precision; DDP, FSDP2, torch.compile
 
 
 def _exact_dtype(*dtypes):

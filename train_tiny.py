@@ -337,7 +337,8 @@ def base_model(cfg, base_seed, runtime, progress):
             model, loss = pretrain(cfg, base_seed, runtime, progress)
             os.makedirs(cfg.cache, exist_ok=True)
             sorsa.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
-            runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, cached as {path}")
+            runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
+                        f"cached as {path}")
     if runtime.world > 1:
         dist.barrier()  # rank 0 has written the cache
         if not runtime.main:
@@ -427,8 +428,8 @@ def distribute(model, method, runtime):
     if runtime.world == 1:
         return model
     if not runtime.fsdp:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
-                                                   else None)
+        cuda = runtime.device.type == "cuda"
+        return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None)
     placement = sorsa.fsdp_shard_placement(model) if method.startswith("sorsa") else None
     for block in model.blocks:
         fully_shard(block, shard_placement_fn=placement)
@@ -723,8 +724,9 @@ def end_distributed():
 
 def describe(cfg, runtime):
     """One line saying what this run computes, and where."""
-    return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, bf16 autocast "
-            f"{runtime.amp}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, {cfg.steps} steps, seeds {cfg.seeds}")
+    return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, "
+            f"bf16 autocast {runtime.amp}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
+            f"{cfg.steps} steps, seeds {cfg.seeds}")
 
 
 def prepare_base(cfg, base_seed, runtime, progress):
@@ -747,7 +749,8 @@ def run(cfg):
     runtime = start_runtime(cfg)
     methods = cfg.methods.split(",")
     runtime.say(describe(cfg, runtime))
-    base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime, Progress(cfg.pretrain_steps, runtime))
+    pretraining = Progress(cfg.pretrain_steps, runtime)
+    base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime, pretraining)
     progress = Progress(len(methods) * cfg.seeds * cfg.steps, runtime)
     os.makedirs(cfg.out, exist_ok=True)
     log_path = os.path.join(cfg.out, "log.jsonl")
