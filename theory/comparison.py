@@ -4,7 +4,9 @@ The paper compares the methods at the learning rates of its Table 3, SORSA's 1.5
 each method's accuracy moves steeply with its rate: such a comparison cannot separate the method
 from its rate. What is measured here, on train_tiny.py's task and with its pieces:
   1. every method at every listed rate, seeds 0 .. seeds-1 of base model 0 (SORSA at the listed
-     rate too, gamma = gamma_ratio * lr), each method's rate chosen on validation, never on test;
+     rate too, gamma = gamma_ratio * lr: 0.4 by default, with L_reg the mean over factor matrices,
+     not the paper's nominal 13.3 nor its runs' effective 0.208; docs/gamma.md), each method's rate
+     chosen on validation, never on test;
   2. with --refine, the chosen rate / sqrt 2 and * sqrt 2 added, and the choice made again;
   3. with --final_seeds N --base_seeds 0,1,2, each method at its chosen rate on N new seeds of every
      base model, compared with SORSA pair by pair (same base, same seed): the mean difference, its
