@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sorsa
+import sorsa_integrations
 import train_tiny
 from theory.fused_forward import interleaved_times, make_forms, time_forms
 
@@ -308,7 +309,7 @@ def memory_section(device, quick):
         rows.append(("TinyGPT", method, train_tiny.prepare(method, tiny.requires_grad_(False), train_tiny.Config())))
     llama = meta_blocks("Llama 2 7B")
     sorsa_llama = copy.deepcopy(llama)
-    sorsa.apply_sorsa(sorsa_llama, 128)
+    sorsa_integrations.apply_sorsa(sorsa_llama, 128)  # on the meta device: shapes only
     for label, method, model in rows + [("Llama 2 7B r=128", "sorsa", sorsa_llama)]:
         trainable, state = count(model)
         extra = sum(m.U_p0.numel() + m.S_p0.numel() + m.Vt_p0.numel() for _, m in sorsa.sorsa_modules(model))
@@ -522,7 +523,7 @@ def distributed_section():
     fsdp = model()
     full_bytes = sum(l.W_r.nbytes for _, l in sorsa.sorsa_modules(fsdp))
     for block in fsdp:
-        fully_shard(block, shard_placement_fn=sorsa.fsdp_shard_placement(fsdp))
+        fully_shard(block, shard_placement_fn=sorsa_integrations.fsdp_shard_placement(fsdp))
     fully_shard(fsdp)
     local_bytes = sum(l.W_r.to_local().nbytes for _, l in sorsa.sorsa_modules(fsdp))
     if rank == 0:

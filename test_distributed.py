@@ -19,9 +19,11 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from torch.distributed.tensor import Shard
 
 import sorsa
+import sorsa_integrations as si
 
 STEPS, LR, GAMMA = 3, 0.05, 0.05  # SGD: the factors move linearly in the gradients, so any error shows
 TIMEOUT = 120  # seconds for one torchrun launch; normal runs take 5-15 s
@@ -138,8 +140,8 @@ def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, 
         widths = [mod.in_features for _, mod in sorsa.sorsa_modules(single)]
         assert report["Vt_p_placements"] == ["S(1)" if n % nproc == 0 else "S(0)" for n in widths]
         # The sharded factors' Gram matrices are summed (all-reduce); only a Vt_p held by rows is gathered.
-        assert any("allreduce" in name for name in names)
-        assert any("gather" in name for name in names) == any(n % nproc for n in widths)
+        assert "all_reduce" in names
+        assert ("all_gather_into_tensor" in names) == any(n % nproc for n in widths)
     else:
         assert names == []  # DDP: every rank holds whole factors
     # Saved through the wrapper, complete on every rank when the save returns, even while rank 0 writes
@@ -148,10 +150,10 @@ def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, 
     assert (seen["adapter"], seen["lora_files"]) == (True, 2)
     assert seen["failure"].startswith("RuntimeError: rank 0 could not write") and "FileNotFoundError" in seen["failure"]
     fresh = copy.deepcopy(base)
-    sorsa.load_adapter(fresh, tmp_path / "adapter.pt")
+    si.load_adapter(fresh, tmp_path / "adapter.pt")
     with torch.no_grad():
         assert torch.allclose(fresh(x).float(), single(x).float(), atol=10 * tol)
-    lora = torch.load(tmp_path / "lora" / "adapter_model.bin", weights_only=True)
+    lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.") and ".module." not in k for k in lora)
     names = [name for name, _ in sorsa.sorsa_modules(single)]
     sorsa.merge_sorsa(single)
@@ -166,7 +168,7 @@ def test_fsdp_placement_shards_columns_only_where_the_world_size_divides_them():
     sorsa.apply_sorsa(model, 4)
     q, down = model["q_proj"], model["down_proj"]
     for world, q_cols, down_cols in [(2, True, True), (3, False, False), (4, True, True), (6, False, False), (8, True, True)]:
-        place = sorsa.fsdp_shard_placement(model, world_size=world)
+        place = si.fsdp_shard_placement(model, world_size=world)
         for layer, columns in ((q, q_cols), (down, down_cols)):
             assert (place(layer.Vt_p) == Shard(1)) == columns and (place(layer.Vt_p0) == Shard(1)) == columns
             assert place(layer.U_p) is None and place(layer.W_r) is None  # rows, FSDP2's default
@@ -231,24 +233,11 @@ def test_train_tiny_under_torchrun_matches_one_process(tmp_path):
 # ----------------------------------------------------------------------------- the worker, run by torchrun
 
 
-class Collectives(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the collective operations dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if "all_" in name or "allreduce" in name or "broadcast" in name:
-            self.names.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 
 def worker(engine, dtype, out):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
 
     import train_tiny
 
@@ -259,7 +248,7 @@ def worker(engine, dtype, out):
     if engine == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(model)  # default broadcast_buffers=True
     else:
-        placement = sorsa.fsdp_shard_placement(model)
+        placement = si.fsdp_shard_placement(model)
         for block in model:
             fully_shard(block, shard_placement_fn=placement)
         wrapped = fully_shard(model, shard_placement_fn=placement)
@@ -267,9 +256,9 @@ def worker(engine, dtype, out):
         report["W_r_local_fraction"] = [m.W_r.to_local().numel() / m.W_r.numel() for m in layers]
         report["W_r_dtypes"] = [str(m.W_r.dtype) for m in layers]
         report["Vt_p_placements"] = [str(m.Vt_p.placements[0]) for m in layers]
-    with Collectives() as seen:
+    with CommDebugMode() as seen:  # DTensor's count of the collectives it runs, its own redistributions included
         report["regularizer_before"] = sorsa.orthonormal_regularizer(wrapped).item()
-    report["regularizer_collectives"] = seen.names
+    report["regularizer_collectives"] = [str(op).split(".")[-1] for op, n in seen.get_comm_counts().items() for _ in range(n)]
     local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's share of the global batch
     train(wrapped, x[local], target[local], engine)
     report["regularizer_after"] = sorsa.orthonormal_regularizer(wrapped).item()
@@ -278,11 +267,11 @@ def worker(engine, dtype, out):
     if rank == 0:  # rank 0 writes slowly: a rank that returned before the file is complete would not find it
         real_replace = os.replace
         os.replace = lambda *paths: (time.sleep(0.5), real_replace(*paths))[1]
-    sorsa.save_adapter(wrapped, os.path.join(out, "adapter.pt"))  # rank 0 writes
-    loaded = sorsa.load_checked(os.path.join(out, "adapter.pt"))[0] if rank == 1 else None  # at once
-    sorsa.save_lora(wrapped, os.path.join(out, "lora"))
+    si.save_adapter(wrapped, os.path.join(out, "adapter.pt"))  # rank 0 writes
+    loaded = si.load_checked(os.path.join(out, "adapter.pt"))[0] if rank == 1 else None  # at once
+    si.save_lora(wrapped, os.path.join(out, "lora"))
     try:  # rank 0 cannot write here: every rank raises, none waits for it
-        sorsa.save_adapter(wrapped, os.path.join(out, "no such folder", "adapter.pt"))
+        si.save_adapter(wrapped, os.path.join(out, "no such folder", "adapter.pt"))
     except (OSError, RuntimeError) as err:
         failure = f"{type(err).__name__}: {err}"
     if rank == 1:

@@ -8,15 +8,10 @@ the device also run on CUDA when a GPU is visible, and are skipped, saying so, w
 """
 
 import copy
-import io
-import json
 import math
-import os
 import pathlib
 import re
-import stat
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -28,7 +23,7 @@ import bench
 import sorsa
 from theory import condition_number
 from sorsa import (SORSALinear, adapter_state_dict, apply_sorsa, delta_d, delta_sigma, load_adapter,
-                   lora_state_dict, merge_sorsa, orthonormal_regularizer, save_adapter, save_lora, sorsa_loss,
+                   merge_sorsa, orthonormal_regularizer, sorsa_loss,
                    svd_split)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -531,13 +526,12 @@ def test_grouped_regularizer_has_the_value_and_gradient_of_eq4_layer_by_layer(la
         assert torch.allclose(g.double(), o.double(), rtol=rel, atol=rel * (1 + o.abs().max().item()))
 
 
-@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.booleans(), st.integers(0, 2**20))
-def test_the_written_out_gradient_of_eq4_matches_finite_differences(L, k, r, squared, seed):
-    """2 F A / ||A||_F (squared: 4 F A) against central differences of the value, float64,
-    for stacked factors F (L, k, r) with k >= r, away from orthonormality (there the norm is smooth)."""
-    k = max(k, r)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**20))
+def test_the_written_out_gradient_of_the_gram_matches_finite_differences(L, k, r, seed):
+    """The Gram's written-out backward, F (dG + dG^T), against central differences of F^T F in float64,
+    for stacked factors F (L, k, r), k and r of any order (the norm after it is left to autograd)."""
     F = (torch.eye(k, r, dtype=torch.float64) + 0.5 * rand(L, k, r, seed=seed)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda F: sorsa._GramDistance.apply(F, squared, None), (F,))
+    assert torch.autograd.gradcheck(sorsa._Gram.apply, (F,))
 
 
 @given(mixed_layers())
@@ -820,197 +814,6 @@ def test_adapter_state_is_a_copy_that_later_training_does_not_change():
     assert not torch.equal(state["0.q_proj.U_p"], model[0].q_proj.U_p.detach())
 
 
-def test_adapter_file_round_trip_never_recomputes_an_svd(tmp_path, monkeypatch):
-    base, model, x = trained_pair(1, rank=4)
-    path = tmp_path / "adapter.pt"
-    save_adapter(model, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]  # no temporary file left
-
-    def no_svd(*args, **kwargs):
-        raise AssertionError("load_adapter computed an SVD")
-
-    monkeypatch.setattr(torch.linalg, "svd", no_svd)
-    fresh = copy.deepcopy(base)
-    load_adapter(fresh, path)
-    assert torch.equal(fresh(x), model(x))  # same W_r, same factors, same arithmetic
-
-
-real_torch_save = torch.save
-
-
-def half_written_save(obj, f):
-    """torch.save that dies half-way, as a full disk or a killed process would."""
-    buffer = io.BytesIO()
-    real_torch_save(obj, buffer)
-    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    raise OSError(28, "No space left on device")
-
-
-@pytest.mark.parametrize("save, files", [(lambda m, d: save_adapter(m, d / "adapter.pt"), ["adapter.pt"]),
-                                         (save_lora, ["adapter_config.json", "adapter_model.bin"])])
-def test_a_save_that_fails_half_way_leaves_the_old_files_byte_identical_and_no_temporary(tmp_path, monkeypatch,
-                                                                                        save, files):
-    _, model, x = trained_pair(2)
-    save(model, tmp_path)
-    old = {name: (tmp_path / name).read_bytes() for name in files}
-    train_steps(model, x)
-    monkeypatch.setattr(torch, "save", half_written_save)
-    with pytest.raises(OSError, match="No space left"):
-        save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == files
-    assert all((tmp_path / name).read_bytes() == content for name, content in old.items())
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_every_atomic_write_gives_its_file_the_mode_a_plain_open_would(tmp_path, umask):
-    """Under umask 022 an adapter must be readable by others (a serving container): -rw-r--r--, as
-    open() gives, not the -rw------- of a private temporary file; under 077 it stays private."""
-    _, model, _ = trained_pair(2)
-    old = os.umask(umask)
-    try:
-        with open(tmp_path / "plain", "wb"):
-            pass
-        save_adapter(model, tmp_path / "adapter.pt")
-        save_lora(model, tmp_path / "lora")
-        sorsa.save_checked({"w": torch.ones(2)}, tmp_path / "cache.pt")  # train_tiny's cached base models
-    finally:
-        os.umask(old)
-    expected = 0o666 & ~umask
-    assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == expected
-    for path in ("adapter.pt", "lora/adapter_model.bin", "lora/adapter_config.json", "cache.pt"):
-        assert stat.S_IMODE(os.stat(tmp_path / path).st_mode) == expected, path
-
-
-def damaged_files(path, tmp_path):
-    """Truncated, byte-flipped and foreign versions of a good adapter file."""
-    data = path.read_bytes()
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0xFF  # inside the tensor bytes: torch.load alone does not notice
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"0.q_proj.U_p": torch.zeros(2)}, foreign)
-    out = {"truncated": data[: len(data) // 2], "flipped": bytes(flipped), "empty": b""}
-    for name, content in out.items():
-        (tmp_path / f"{name}.pt").write_bytes(content)
-    return [tmp_path / f"{name}.pt" for name in out] + [foreign]
-
-
-def test_damaged_adapter_files_give_an_error_naming_the_file_and_change_nothing(tmp_path):
-    base, model, _ = trained_pair(3)
-    path = tmp_path / "good.pt"
-    save_adapter(model, path)
-    for bad in damaged_files(path, tmp_path):
-        target = copy.deepcopy(base)
-        snap = snapshot(target)
-        with pytest.raises(ValueError, match=re.escape(str(bad))):
-            load_adapter(target, bad)
-        assert_unchanged(target, snap)
-
-
-def test_adapters_of_another_model_or_with_mixed_ranks_name_the_file_and_change_nothing(tmp_path):
-    _, model, _ = trained_pair(4, rank=3)
-    _, other_rank, _ = trained_pair(4, rank=2)
-    state, state_r2 = adapter_state_dict(model), adapter_state_dict(other_rank)
-    files = {"other_model.pt": (state, toy_model(d=10)),  # same names, other shapes
-             "fewer_blocks.pt": (state, toy_model(blocks=1)),
-             "mixed_rank.pt": ({**state, "0.q_proj.S_p": state_r2["0.q_proj.S_p"]}, toy_model())}
-    for file_name, (content, target) in files.items():
-        sorsa.save_checked(content, tmp_path / file_name)
-        snap = snapshot(target)
-        with pytest.raises(ValueError, match=re.escape(str(tmp_path / file_name))):
-            load_adapter(target, tmp_path / file_name)
-        assert_unchanged(target, snap)
-
-
-@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_loading_non_finite_adapter_tensors_is_refused(bad_value):
-    _, model, _ = trained_pair(5)
-    state = adapter_state_dict(model)
-    for key in ("0.q_proj.S_p", "1.down.Vt_p0"):
-        bad = {k: v.clone() for k, v in state.items()}
-        bad[key].view(-1)[0] = bad_value
-        target = toy_model(5)
-        snap = snapshot(target)
-        with pytest.raises(ValueError, match=re.escape(f"{key} is not finite")):
-            load_adapter(target, bad)
-        assert_unchanged(target, snap)
-
-
-@pytest.mark.parametrize("write", ["save_adapter", "adapter_state_dict", "lora_state_dict", "save_lora", "merge_sorsa"])
-@pytest.mark.parametrize("key", ["U_p", "S_p", "Vt_p"])
-def test_non_finite_factors_are_refused_where_they_would_be_written(tmp_path, write, key):
-    _, model, _ = trained_pair(6)
-    with torch.no_grad():
-        getattr(model[1].down, key).view(-1)[-1] = float("nan")
-    snap = snapshot(model)
-    calls = {"save_adapter": lambda: save_adapter(model, tmp_path / "a.pt"),
-             "adapter_state_dict": lambda: adapter_state_dict(model), "lora_state_dict": lambda: lora_state_dict(model),
-             "save_lora": lambda: save_lora(model, tmp_path / "lora"), "merge_sorsa": lambda: merge_sorsa(model)}
-    with pytest.raises(ValueError, match=re.escape(f"layer 1.down: {key} contains NaN or Inf")):
-        calls[write]()
-    assert_unchanged(model, snap)
-    assert not list(tmp_path.rglob("*.*"))  # nothing written
-
-
-@given(st.integers(0, 2**31 - 1), st.integers(1, 12))
-def test_lora_export_is_the_learned_change_as_a_rank_2r_product(seed, r):
-    base, model, _ = trained_pair(seed, rank=r, targets=["q_proj", "up"])
-    lora = lora_state_dict(model)
-    assert len(lora) == 2 * len(sorsa.sorsa_modules(model))
-    for name, mod in sorsa.sorsa_modules(model):
-        A, B = lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"]
-        assert A.shape == (2 * r, mod.in_features) and B.shape == (mod.out_features, 2 * r)
-        W_0 = base.get_submodule(name).weight
-        assert torch.allclose(W_0 + B @ A, mod.merge().weight, rtol=0, atol=1e-12)
-
-
-def apply_peft_directory_by_hand(base, directory):
-    """What PeftModel.from_pretrained(base, directory) + merge does, from the files alone."""
-    config = json.loads((directory / "adapter_config.json").read_text())
-    weights = torch.load(directory / "adapter_model.bin", weights_only=True)
-    model = copy.deepcopy(base)
-    for name in config["target_modules"]:
-        r = config["rank_pattern"].get(name, config["r"])
-        scaling = config["alpha_pattern"].get(name, config["lora_alpha"]) / r
-        A = weights[f"base_model.model.{name}.lora_A.weight"]
-        B = weights[f"base_model.model.{name}.lora_B.weight"]
-        assert A.shape[0] == B.shape[1] == r
-        layer = model.get_submodule(name)
-        delta = B @ A if type(layer) is not Conv1D else (B @ A).T  # PEFT transposes for a Conv1D base
-        with torch.no_grad():
-            layer.weight.add_(scaling * delta.to(layer.weight.dtype))
-    for name in config["modules_to_save"] or []:  # replaced whole by the saved module
-        prefix = f"base_model.model.{name}."
-        model.get_submodule(name).load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    return model
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_peft_export_directory_applied_by_hand_reproduces_the_fine_tuned_model(tmp_path, dtype):
-    base, model, x = trained_pair(7, dtype, rank=3)
-    save_lora(model, tmp_path / "lora", base_name="toy")
-    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["adapter_config.json", "adapter_model.bin"]
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    names = [name for name, _ in sorsa.sorsa_modules(model)]
-    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 6
-    assert config["target_modules"] == sorted(names) and config["lora_dropout"] == 0
-    assert config["base_model_name_or_path"] == "toy"
-    weights = torch.load(tmp_path / "lora" / "adapter_model.bin", weights_only=True)
-    assert set(weights) == {f"base_model.model.{n}.lora_{ab}.weight" for n in names for ab in "AB"}
-    with torch.no_grad():
-        assert close_outputs(apply_peft_directory_by_hand(base, tmp_path / "lora")(x), model(x), dtype)
-
-
-def test_peft_loads_the_export_and_reproduces_the_fine_tuned_model(tmp_path):
-    peft = pytest.importorskip("peft", reason="peft is not installed: the load through PEFT itself is skipped")
-    base, model, x = trained_pair(8, torch.float32, rank=3)
-    save_lora(model, tmp_path / "lora")
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
-    with torch.no_grad():
-        y, y_peft = model(x), loaded(x)
-        assert torch.allclose(y_peft, y, atol=1e-5)
-        assert torch.allclose(loaded.merge_and_unload()(x), y, atol=1e-5)
-
-
 # ----------------------------------------------------------------------------- the models people fine-tune
 
 
@@ -1051,136 +854,6 @@ def gpt2_like(seed=0, dtype=torch.float64):
     return GPT2Like().to(dtype)
 
 
-class PlainLinearSubclass(nn.Linear):
-    """A stand-in for Falcon's FalconLinear: an nn.Linear subclass whose forward writes out x W^T + b."""
-
-    def forward(self, x):
-        out = x @ self.weight.T
-        return out if self.bias is None else out + self.bias
-
-
-class SubclassWithOwnInit(nn.Linear):
-    def __init__(self, n, m):
-        super().__init__(n, m)
-
-
-class RouterLike(nn.Linear):
-    """A stand-in for an MoE router (Llama 4's, PhiMoE's): an nn.Linear subclass that is not x W^T + b."""
-
-    def forward(self, x):
-        return torch.softmax(super().forward(x), dim=-1)
-
-
-class SubclassModel(nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.q, self.own, self.up = PlainLinearSubclass(d, d), SubclassWithOwnInit(d, d), nn.Linear(d, d)
-        self.attn, self.router = nn.MultiheadAttention(d, 2), RouterLike(d, d)
-
-    def forward(self, x):
-        h = self.up(self.own(torch.tanh(self.q(x))))
-        return (h + self.attn(h, h, h, need_weights=False)[0]) * self.router(h)
-
-
-def test_linear_subclasses_are_adapted_by_default_and_by_name_and_merge_back_to_their_class():
-    """An nn.Linear subclass that computes x W^T + b is adapted (Falcon's), one that does not (a
-    router) is not, nor the out_proj whose weight its parent nn.MultiheadAttention reads directly;
-    merging gives back the subclass where it keeps nn.Linear's constructor, else a plain nn.Linear."""
-    torch.manual_seed(0)
-    base = SubclassModel().double()
-    x = rand(5, 8, seed=1)
-    for targets in (None, ["q", "own", "up"]):
-        model = copy.deepcopy(base)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            assert apply_sorsa(model, 3, targets) == ["q", "own", "up"]
-        assert [str(w.message) for w in record] == ([] if targets else [
-            "apply_sorsa adapted every linear layer but attn.out_proj (NonDynamicallyQuantizableLinear, whose "
-            "weight its parent nn.MultiheadAttention reads directly); router (RouterLike, whose forward is not "
-            "x W^T + b)"])
-        assert isinstance(model.q, SORSALinear) and model.q.base_type is PlainLinearSubclass
-        with torch.no_grad():
-            assert close_outputs(model(x), base(x), torch.float64)
-        train_steps(model, x, gamma=1e-3)
-        with torch.no_grad():
-            y = model(x)
-            merge_sorsa(model)
-            assert type(model.q) is PlainLinearSubclass and type(model.own) is nn.Linear and type(model.up) is nn.Linear
-            assert close_outputs(model(x), y, torch.float64)
-    for target, words in (("router", "RouterLike, whose forward is not x W^T + b"),
-                          ("out_proj", "whose weight its parent nn.MultiheadAttention reads directly")):
-        with pytest.raises(TypeError, match=f"{target} matches the targets but is .*{re.escape(words)}"):
-            apply_sorsa(copy.deepcopy(base), 3, [target])
-
-
-class Classifier(nn.Module):
-    """A sequence classifier in miniature: a body of linear layers and a new head of `labels` outputs."""
-
-    def __init__(self, d=12, labels=2):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
-        self.classifier = nn.Linear(d, labels)
-
-    def forward(self, x):
-        return self.classifier(torch.tanh(self.body(x)))
-
-
-def classifier(seed=0, labels=2, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return Classifier(labels=labels).to(dtype)
-
-
-def test_the_default_targets_skip_a_head_narrower_than_the_rank_and_name_it():
-    model = classifier(labels=2)
-    with pytest.warns(UserWarning, match=r"but classifier \(rank 4 is above its 2 outputs: a new classification "
-                                         r"head trains in full with modules_to_save\)"):
-        assert apply_sorsa(model, 4) == ["body.0", "body.2"]
-    assert type(model.classifier) is nn.Linear and not model.classifier.weight.requires_grad
-    with pytest.raises(ValueError, match=r"rank 4 is outside \[1, min\(out, in\)\] = \[1, 2\] for layer classifier"):
-        apply_sorsa(classifier(labels=2), 4, ["classifier"])  # named: an error, as before
-
-
-def test_a_head_that_trains_in_full_travels_with_the_adapter_and_the_peft_export(tmp_path):
-    """modules_to_save=["classifier"]: the head is not split, trains in full, and save_adapter /
-    load_adapter and save_lora (PEFT's modules_to_save) carry it, so each reproduces the model."""
-    base = classifier(seed=3, labels=4)  # 4 labels: rank 4 fits, and the head is still not split
-    model = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert apply_sorsa(model, 4, modules_to_save=["classifier"]) == ["body.0", "body.2"]
-    assert type(model.classifier) is nn.Linear and model.classifier.weight.requires_grad
-    assert [name for name, _ in sorsa.full_modules(model)] == ["classifier"]
-    x = rand(6, 12, seed=4)
-    train_steps(model, x, gamma=1e-3, target=rand(6, 4, seed=5))
-    assert not torch.equal(model.classifier.weight, base.classifier.weight)  # it trained
-    state = adapter_state_dict(model)
-    assert {k for k in state if ".modules_to_save." in k} == {"classifier.modules_to_save.weight",
-                                                              "classifier.modules_to_save.bias"}
-    save_adapter(model, tmp_path / "adapter.pt")
-    loaded = copy.deepcopy(base)
-    assert load_adapter(loaded, tmp_path / "adapter.pt") == ["body.0", "body.2"]
-    assert loaded.classifier.weight.requires_grad and [n for n, _ in sorsa.full_modules(loaded)] == ["classifier"]
-    save_lora(model, tmp_path / "lora")
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == ["classifier"] and config["target_modules"] == ["body.0", "body.2"]
-    with torch.no_grad():
-        y = model(x)
-        assert torch.equal(loaded(x), y)
-        assert close_outputs(apply_peft_directory_by_hand(base, tmp_path / "lora")(x), y, torch.float64)
-
-
-def test_bad_modules_to_save_are_refused_before_anything_changes():
-    model = classifier(labels=4)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="modules_to_save 'head' matches no module"):
-        apply_sorsa(model, 2, modules_to_save=["head"])
-    with pytest.raises(ValueError, match="classifier matches the targets but is in classifier, which trains in full"):
-        apply_sorsa(model, 2, ["body.0", "classifier"], modules_to_save="classifier")
-    with pytest.raises(TypeError, match="modules_to_save must be None, a name or a list of names"):
-        apply_sorsa(model, 2, modules_to_save=[3])
-    assert_unchanged(model, snap)
-
-
 def adapter_of(seed, rank=3, dtype=torch.float64):
     """(base model, the adapter state of it after a few training steps)."""
     base, model, _ = trained_pair(seed, dtype, rank=rank)
@@ -1211,28 +884,6 @@ def test_load_adapter_refuses_another_base_naming_the_layer_and_changes_nothing(
     assert len(load_adapter(other, state, check_base=False)) == 6  # deliberately
 
 
-class PeftLinear(nn.Linear):
-    """A stand-in for a PEFT tuner layer: what apply_sorsa sees in a model get_peft_model wrapped."""
-
-
-PeftLinear.__module__ = "peft.tuners.lora.layer"
-PeftModelForCausalLM = type("PeftModelForCausalLM", (nn.Module,), {"__module__": "peft.peft_model"})
-
-
-def test_another_adapter_methods_model_is_refused_naming_what_was_found():
-    model = toy_model()
-    model[0].q_proj = PeftLinear(12, 12).double()
-    wrapped = PeftModelForCausalLM()
-    wrapped.base_model = toy_model()
-    for m, found in ((model, "PEFT's PeftLinear"), (wrapped, "PEFT's PeftModelForCausalLM")):
-        snap = snapshot(m)
-        with pytest.raises(TypeError, match=f"apply_sorsa needs the base model, but this one holds {found}"):
-            apply_sorsa(m, 2)
-        with pytest.raises(TypeError, match=f"load_adapter needs the base model, but this one holds {found}"):
-            load_adapter(m, adapter_of(0)[1])
-        assert_unchanged(m, snap)
-
-
 @given(split_cases(dtypes=[torch.float64, torch.float32]))
 def test_a_conv1d_layer_is_split_as_its_transpose_and_merges_back_to_its_type_and_layout(case):
     """weight (in, out) is W_0^T: the SORSA layer equals it at init, trains, and merges into a
@@ -1252,169 +903,12 @@ def test_a_conv1d_layer_is_split_as_its_transpose_and_merges_back_to_its_type_an
         assert torch.allclose(merged(x).double(), layer(x).double(), atol=1e-4 if dtype == torch.float32 else 1e-10)
 
 
-def test_gpt2_style_model_adapts_by_default_trains_saves_loads_and_merges_to_its_own_state_dict(tmp_path):
-    """all-linear on a GPT-2-like model: every Conv1D adapted, the tied head skipped and named. The
-    trained model's adapter loads onto a fresh base, its PEFT export applies (fan_in_fan_out), and
-    the merged model's state dict loads into the original architecture (save/from_pretrained)."""
-    base = gpt2_like()
-    model = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match=r"lm_head \(the output head\)"):
-        names = apply_sorsa(model, 3)
-    assert names == ["c_attn", "c_proj", "c_fc", "mlp_proj"]
-    idx = torch.arange(16).view(2, 8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    for _ in range(5):
-        loss = sorsa_loss(nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()), model, 1e-3, 1e-2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        y = model(idx)
-        assert not torch.allclose(y, base(idx), atol=1e-3)  # it trained
-        save_adapter(model, tmp_path / "a.pt")
-        fresh = copy.deepcopy(base)
-        load_adapter(fresh, tmp_path / "a.pt")
-        assert torch.equal(fresh(idx), y)
-        merge_sorsa(fresh)  # loaded layers also know what they replaced
-        assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
-        save_lora(model, tmp_path / "lora")
-        assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-        assert torch.allclose(apply_peft_directory_by_hand(base, tmp_path / "lora")(idx), y, atol=1e-10)
-        merge_sorsa(model)
-        state = model.state_dict()
-        assert state.keys() == base.state_dict().keys()
-        reloaded = gpt2_like(seed=1)  # another random model of the architecture, then the merged weights
-        reloaded.load_state_dict(state)
-        assert torch.allclose(reloaded(idx), y, atol=1e-10)
-
-
-def train_hf(model, idx, labels, steps=5):
-    """A few AdamW steps of a Hugging Face model on its own loss, so that what trains moves."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    for _ in range(steps):
-        loss = model(idx, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-def test_peft_loads_the_export_of_a_gpt2_model_and_reproduces_it(tmp_path):
-    """The real thing, where transformers and peft are installed: GPT-2 from a small random config."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: GPT-2 is skipped")
-    peft = pytest.importorskip("peft", reason="peft is not installed: the load through PEFT is skipped")
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16)
-    torch.manual_seed(0)
-    base = transformers.GPT2LMHeadModel(config).eval()
-    model = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match="lm_head"):
-        apply_sorsa(model, 4)
-    idx = torch.arange(16).view(2, 8)
-    train_hf(model, idx, idx)
-    save_lora(model, tmp_path / "lora")
-    with torch.no_grad():
-        y = model(idx).logits
-        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
-        assert torch.allclose(loaded(idx).logits, y, atol=1e-4)
-        merge_sorsa(model)
-        model.save_pretrained(tmp_path / "merged")
-        again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
-        assert torch.allclose(again(idx).logits, y, atol=1e-4)
-
-
-def test_a_real_falcon_is_adapted_by_default_and_merges_back_to_falcon_linear():
-    """Falcon's projections are FalconLinear, an nn.Linear subclass (skipped where transformers is missing)."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: Falcon is skipped")
-    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
-    torch.manual_seed(0)
-    base = transformers.FalconForCausalLM(config).eval()
-    model = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match="lm_head"):
-        names = apply_sorsa(model, 4)
-    assert len(names) == 8 and all(sorsa.sorsa_modules(model)[i][1].base_type.__name__ == "FalconLinear" for i in range(8))
-    idx = torch.arange(16).view(2, 8)
-    with torch.no_grad():
-        assert torch.allclose(model(idx).logits, base(idx).logits, atol=1e-5)
-        merge_sorsa(model)
-        assert {type(m).__name__ for n, m in model.named_modules() if n in names} == {"FalconLinear"}
-        assert torch.allclose(model(idx).logits, base(idx).logits, atol=1e-5)
-
-
-def test_a_real_bert_classifier_trains_its_head_in_full_and_peft_reproduces_it(tmp_path):
-    """BERT for sequence classification with 2 labels: the default skips the head, naming it;
-    modules_to_save=["classifier"] trains it in full, and PEFT loads the export with it."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: BERT is skipped")
-    peft = pytest.importorskip("peft", reason="peft is not installed: the load through PEFT is skipped")
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                     vocab_size=64, num_labels=2)
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(config).eval()
-    with pytest.warns(UserWarning, match=r"classifier \(rank 4 is above its 2 outputs"):
-        apply_sorsa(copy.deepcopy(base), 4)
-    model = copy.deepcopy(base)
-    apply_sorsa(model, 4, modules_to_save=["classifier"])
-    idx = torch.arange(16).view(2, 8)
-    train_hf(model, idx, torch.tensor([0, 1]))
-    save_lora(model, tmp_path / "lora")
-    with torch.no_grad():
-        model.eval()
-        y = model(idx).logits
-        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).eval()
-        assert not torch.allclose(base(idx).logits, y, atol=1e-3)  # it trained
-        assert torch.allclose(loaded(idx).logits, y, atol=1e-5)
-
-
 def doc_block(marker):
     """The python block of README.md or docs/*.md that contains `marker`."""
     root = pathlib.Path(__file__).parent
     text = "".join(path.read_text() for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
     return textwrap.dedent(next(block for block in blocks if marker in block))  # a block in a list is indented
-
-
-def test_the_readme_trainer_callback_adds_the_regularizer_once_per_optimizer_step_after_the_clip(tmp_path):
-    """Hugging Face's Trainer with the callback of docs/huggingface.md, gradient accumulation 2 and a clip that bites
-    (max_grad_norm 0.01): at each optimizer step the callback runs once, sees the clipped task gradient,
-    and adds (gamma / lr) grad L_reg to it unclipped; each checkpoint gets an adapter that reproduces the model."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: the Trainer is skipped")
-    namespace = {}
-    exec(doc_block("class SORSACallback"), namespace)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with pytest.warns(UserWarning, match="lm_head"):
-        apply_sorsa(model, 4)
-    with torch.no_grad():  # off orthonormality, so that the regularizer has a gradient to add
-        for _, layer in sorsa.sorsa_modules(model):
-            layer.U_p.add_(0.05 * torch.randn_like(layer.U_p))
-    params = [p for p in model.parameters() if p.requires_grad]
-    gamma, lr, seen = 4e-4, 1e-3, []
-
-    class Checked(namespace["SORSACallback"]):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            clipped = [p.grad.clone() for p in params]
-            g_reg = torch.autograd.grad((gamma / lr) * sorsa.orthonormal_regularizer(model), params, allow_unused=True,
-                                        materialize_grads=True)
-            super().on_pre_optimizer_step(args, state, control, **kwargs)
-            seen.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in clipped])).item())
-            for p, c, g in zip(params, clipped, g_reg):
-                assert torch.allclose(p.grad, c + g, rtol=1e-5, atol=1e-7)
-
-    data = [{"input_ids": torch.arange(8) + i, "labels": torch.arange(8) + i} for i in range(12)]
-    args = transformers.TrainingArguments(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                          max_steps=3, max_grad_norm=0.01, learning_rate=lr, weight_decay=0.0,
-                                          report_to=[], logging_strategy="no", save_strategy="steps", save_steps=3,
-                                          use_cpu=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[Checked(gamma)])
-    trainer.train()
-    assert len(seen) == trainer.state.global_step == 3  # once per optimizer step, not per micro-batch
-    assert max(seen) <= 0.01 * (1 + 1e-4)  # after the clip
-    torch.manual_seed(0)
-    loaded = transformers.LlamaForCausalLM(config)  # the same base, rebuilt
-    load_adapter(loaded, tmp_path / "checkpoint-3" / "sorsa_adapter.pt")
-    idx = torch.arange(8).view(1, 8)
-    with torch.no_grad():
-        assert torch.allclose(loaded(idx).logits, model(idx).logits, atol=1e-5)
 
 
 class T5DenseActDense(nn.Module):
@@ -1449,52 +943,12 @@ def test_weight_of_a_sorsa_layer_is_the_frozen_residual_which_nothing_mistakes_f
     assert not torch.allclose(wo.weight.float(), effective.float(), atol=1e-3)
     with torch.no_grad():
         y = model(x)
-        lora = lora_state_dict(model)
-        assert torch.allclose((base.wo.weight.double() + lora["wo.lora_B.weight"].double() @ lora["wo.lora_A.weight"].double()),
-                              effective.double(), atol=100 * eps(dtype) * effective.double().abs().max().item())
+        state = {k: v.double() for k, v in adapter_state_dict(model).items()}  # what every export carries
+        change = (state["wo.U_p"] * state["wo.S_p"]) @ state["wo.Vt_p"] - (state["wo.U_p0"] * state["wo.S_p0"]) @ state["wo.Vt_p0"]
+        assert torch.allclose(base.wo.weight.double() + change, effective.double(),
+                              atol=100 * eps(dtype) * effective.double().abs().max().item())
         merge_sorsa(model)
         assert close_outputs(model(x), y, dtype)
-
-
-def test_default_targets_skip_the_output_head_tied_weights_and_linear_subclasses_and_name_them():
-    """target_modules=None (or "all-linear") means every linear layer a default can adapt, as PEFT's
-    all-linear: a head found by get_output_embeddings() or named lm_head, a tied weight, and
-    nn.MultiheadAttention's out_proj (a subclass whose weight MHA reads directly) are skipped."""
-    class HFLike(nn.Module):  # a head under another name, found as Hugging Face models expose it
-        def __init__(self):
-            super().__init__()
-            self.attn, self.up, self.embed_out = nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 5)
-
-        def get_output_embeddings(self):
-            return self.embed_out
-
-    for targets in (None, "all-linear"):
-        model = HFLike()
-        with pytest.warns(UserWarning) as record:
-            assert apply_sorsa(model, 2, targets) == ["up"]
-        message = str(record[0].message)
-        assert "embed_out (the output head)" in message and "attn.out_proj (NonDynamicallyQuantizableLinear" in message
-        assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    tied = tied_model()
-    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D-style layer to adapt; skipped: 1 \(tied to 0.weight\)"):
-        apply_sorsa(tied, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to skip: nothing to say
-        apply_sorsa(toy_model(), 2)
-
-
-def test_a_model_partly_on_the_meta_device_is_refused_before_anything_changes_naming_the_layers():
-    model = toy_model()
-    for layer in (model[1].up, model[1].down):  # what accelerate's disk offload leaves behind
-        layer.to_empty(device="meta")
-    types, weights = [type(m) for m in model.modules()], [p for p in model.parameters()]
-    with pytest.raises(ValueError, match="2 of the 10 layers to adapt have their weights on the meta device.*1.up, 1.down") as info:
-        apply_sorsa(model, 2)
-    assert "load the model fully first" in str(info.value)
-    assert [type(m) for m in model.modules()] == types and all(a is b for a, b in zip(model.parameters(), weights))
-    whole = toy_model().to_empty(device="meta")  # wholly on meta: the shapes, as for parameter counts
-    apply_sorsa(whole, 2)
-    assert all(p.is_meta for p in whole.parameters()) and len(sorsa.sorsa_modules(whole)) == 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1528,10 +982,10 @@ def test_resuming_from_adapter_optimizer_and_scheduler_is_bit_identical_to_not_s
     opt, schedule = start(first)
     for x in batches[:3]:
         step(first, opt, schedule, x)
-    save_adapter(first, tmp_path / "adapter.pt")
+    torch.save(adapter_state_dict(first), tmp_path / "adapter.pt")
     torch.save({"optimizer": opt.state_dict(), "scheduler": schedule.state_dict()}, tmp_path / "state.pt")
     resumed = copy.deepcopy(base)
-    load_adapter(resumed, tmp_path / "adapter.pt")
+    load_adapter(resumed, torch.load(tmp_path / "adapter.pt", weights_only=True))
     opt, schedule = start(resumed)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     opt.load_state_dict(saved["optimizer"])
@@ -1545,25 +999,6 @@ def test_resuming_from_adapter_optimizer_and_scheduler_is_bit_identical_to_not_s
 
 
 # ----------------------------------------------------------------------------- wrapped models
-
-
-def test_compiled_models_are_seen_through_by_every_verb_and_their_adapters_load_onto_the_plain_base(tmp_path):
-    base, model, x = trained_pair(9, torch.float32)
-    compiled = torch.compile(model, backend="eager")  # the wrapper, without a compiler's start-up time
-    plain_state = adapter_state_dict(model)
-    assert adapter_state_dict(compiled).keys() == plain_state.keys()
-    assert lora_state_dict(compiled).keys() == lora_state_dict(model).keys()
-    assert torch.equal(orthonormal_regularizer(compiled), orthonormal_regularizer(model))
-    save_adapter(compiled, tmp_path / "a.pt")
-    save_lora(compiled, tmp_path / "lora")
-    fresh = copy.deepcopy(base)
-    load_adapter(fresh, tmp_path / "a.pt")
-    assert torch.equal(fresh(x), model(x))
-    names = [name for name, _ in sorsa.sorsa_modules(model)]
-    with torch.no_grad():
-        y = model(x)
-        assert merge_sorsa(compiled) == names
-        assert not sorsa.sorsa_modules(model) and torch.allclose(compiled(x), y, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- analysis metrics
@@ -1627,18 +1062,6 @@ def test_layers_are_converted_one_at_a_time_and_an_interruption_leaves_each_whol
     assert all(type(model.get_submodule(n)) is nn.Linear for n in converted)
 
 
-def test_every_target_pattern_must_match_and_a_typo_names_the_near_names():
-    cases = [(["q_proj", "v_prj"], "'v_prj'", "v_proj"),
-             (["0.q_proj", "q"], "'q'", "q_proj"),
-             (["0.up", "1.down", "44"], "'44'", "")]
-    for targets, named, near in cases:
-        model = toy_model()
-        snap = snapshot(model)
-        with pytest.raises(ValueError, match=f"target {re.escape(named)} matches no layer.*Near names: .*{near}"):
-            apply_sorsa(model, 2, targets)
-        assert_unchanged(model, snap)
-
-
 @pytest.mark.parametrize("call, words", [
     (lambda m: sorsa_loss(m, torch.tensor(1.0), 0.1, 1e-3), "train_loss must be the task loss"),
     (lambda m: sorsa_loss(torch.ones(3), m, 0.1, 1e-3), "train_loss must be the task loss"),
@@ -1647,7 +1070,7 @@ def test_every_target_pattern_must_match_and_a_typo_names_the_near_names():
     (lambda m: orthonormal_regularizer(torch.ones(2, 2)), "model_or_modules must be an nn.Module"),
     (lambda m: apply_sorsa(torch.ones(2, 2), 2), "apply_sorsa needs an nn.Module"),
     (lambda m: apply_sorsa(toy_model(), 2, factor_dtype="float32"), "factor_dtype must be"),
-    (lambda m: load_adapter(toy_model(), 3), "state must be an adapter dict or a file path"),
+    (lambda m: load_adapter(toy_model(), 3), "state must be an adapter dict"),
     (lambda m: load_adapter("model.pt", {}), "load_adapter needs an nn.Module"),
 ])
 def test_arguments_of_the_wrong_type_name_the_argument(call, words):
@@ -1703,7 +1126,7 @@ def adapted_model():
     (nan_model, lambda m: apply_sorsa(m, 2), ValueError, "NaN or Inf"),
     (int_model, lambda m: apply_sorsa(m, 2), TypeError, "torch.int64"),
     (tied_model, lambda m: apply_sorsa(m, 2, ["1"]), ValueError, "1 matches the targets but is tied to 0.weight"),
-    (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, whose weight"),
+    (attention_model, lambda m: apply_sorsa(m, 2, ["out_proj"]), TypeError, "NonDynamicallyQuantizableLinear, an nn.Linear subclass"),
     (toy_model, lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
     (toy_model, lambda m: load_adapter(nn.DataParallel(m), {}), TypeError, "call load_adapter on the plain model first"),
 ])
@@ -1720,11 +1143,12 @@ def test_bad_adapter_states_raise_a_clear_error_and_change_nothing():
     apply_sorsa(model, 3, ["q_proj"])
     state = adapter_state_dict(model)
     cases = [
-        (toy_model(d=10), state, ValueError, "is 10x10 \\(out x in\\) at rank 3, which needs"),
-        (toy_model(blocks=1), state, ValueError, "which this model lacks"),
-        (toy_model(), {**state, "0.q_proj.extra": state["0.q_proj.U_p"]}, ValueError, "unexpected entry"),
-        (toy_model(), {k: v for k, v in state.items() if not k.endswith("S_p0")}, ValueError, "lacks S_p0"),
-        (toy_model(), {k.replace("q_proj", "norm"): v for k, v in state.items()}, TypeError, "LayerNorm"),
+        (toy_model(d=10), state, ValueError, "but the layer is 10x10 \\(out x in\\), which at rank 3 needs"),
+        (toy_model(blocks=1), state, ValueError, "layer '1.q_proj' has .* but the layer is not in this model"),
+        (toy_model(), {**state, "0.q_proj.extra": state["0.q_proj.U_p"]}, ValueError, "'Vt_p0': \\(3, 12\\), 'extra': "),
+        (toy_model(), {k: v for k, v in state.items() if not k.endswith("S_p0")}, ValueError,
+         "has \\{'U_p': \\(12, 3\\), 'S_p': \\(3,\\), 'Vt_p': \\(3, 12\\), 'U_p0': \\(12, 3\\), 'Vt_p0': \\(3, 12\\)\\}"),
+        (toy_model(), {k.replace("q_proj", "norm"): v for k, v in state.items()}, ValueError, "is LayerNorm, not nn.Linear"),
         (model, state, ValueError, "already has SORSA"),
         (toy_model(), {}, ValueError, "non-empty dict"),
     ]
@@ -1754,12 +1178,6 @@ def test_bad_arguments_to_the_other_verbs_raise_clear_errors(call, error, words)
         call()
 
 
-def test_save_adapter_without_adapters_writes_no_file(tmp_path):
-    with pytest.raises(ValueError, match="no SORSA adapters"):
-        save_adapter(toy_model(), tmp_path / "a.pt")
-    assert not list(tmp_path.iterdir())
-
-
 def test_targets_match_whole_name_components_only():
     model = nn.ModuleDict({"attn": nn.ModuleDict({"q_proj": nn.Linear(4, 4), "xq_proj": nn.Linear(4, 4)})})
     assert apply_sorsa(model, 2, "q_proj") == ["attn.q_proj"]
@@ -1767,17 +1185,6 @@ def test_targets_match_whole_name_components_only():
 
 
 # ----------------------------------------------------------------------------- Table 1 from shapes
-
-
-@pytest.mark.parametrize("model_name, rank, millions", [
-    ("Llama 2 7B", 128, 320), ("Mistral 7B", 64, 168), ("Gemma 7B", 64, 200), ("RWKV6 7B", 64, 176)])
-def test_trainable_parameters_of_table_1_from_meta_shapes(model_name, rank, millions):
-    """Every linear layer of every block adapted; shapes from the published configs (bench.LLM_BLOCKS)."""
-    model = bench.meta_blocks(model_name)
-    blocks, shapes = bench.LLM_BLOCKS[model_name]
-    assert len(apply_sorsa(model, rank)) == blocks * len(shapes)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert round(trainable / 1e6) == millions
 
 
 @given(split_cases(dtypes=[torch.float64]))

@@ -69,10 +69,10 @@ def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path
     good = open(path, "rb").read()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF  # inside a tensor: torch.load alone would not notice
-    other_config = {**sorsa.load_checked(path)[1], "key": "another configuration"}
+    other_config = {**train_tiny.load_cache(path), "key": "another configuration"}
     for damage in (good[: len(good) // 2], bytes(flipped), b"not a checkpoint", None):
         if damage is None:
-            sorsa.save_checked(sorsa.load_checked(path)[0], path, **other_config)
+            train_tiny.save_cache(other_config, path)
         else:
             with open(path, "wb") as f:
                 f.write(damage)
@@ -80,7 +80,7 @@ def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path
         assert "unusable" in capsys.readouterr().out
         for a, b in zip(first.state_dict().values(), rebuilt.state_dict().values()):
             assert torch.equal(a.cpu(), b.cpu())  # pretraining is deterministic
-        assert open(path, "rb").read() != damage and sorsa.load_checked(path)[1]["key"] != "another configuration"
+        assert open(path, "rb").read() != damage and train_tiny.load_cache(path)["key"] != "another configuration"
 
 
 def test_base_seeds_pretrain_different_base_models_cached_apart(tmp_path):

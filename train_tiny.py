@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import sorsa
 
@@ -336,7 +338,7 @@ def base_model(cfg, base_seed, runtime, progress):
             start = time.time()
             model, loss = pretrain(cfg, base_seed, runtime, progress)
             os.makedirs(cfg.cache, exist_ok=True)
-            sorsa.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
+            save_cache({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "key": key, "loss": loss}, path)
             runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
                         f"cached as {path}")
     if runtime.world > 1:
@@ -346,18 +348,38 @@ def base_model(cfg, base_seed, runtime, progress):
     return model.to(runtime.device), path
 
 
+def save_cache(content, path):
+    """torch.save's bytes behind their SHA-256, written beside `path` and renamed: whole or absent."""
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(hashlib.sha256(buffer.getvalue()).digest() + buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def load_cache(path):
+    """What save_cache wrote; a ValueError if the file is truncated or corrupted (torch.load does not
+    notice flipped bytes inside a tensor)."""
+    with open(path, "rb") as f:
+        digest, data = f.read(32), f.read()
+    if hashlib.sha256(data).digest() != digest:
+        raise ValueError("its checksum does not match its contents")
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def cached_base(cfg, key, path, runtime):
     """The cached base model, or None when there is none or it is unusable (truncated,
     corrupted or made with another configuration: it is then rebuilt, never trusted)."""
     if not os.path.exists(path):
         return None
     try:
-        state, extra = sorsa.load_checked(path)
+        extra = load_cache(path)
         if extra.get("key") != key:
             raise ValueError("it was made with another configuration")
         model = TinyGPT(cfg.model)
-        model.load_state_dict(state)
-    except (ValueError, RuntimeError) as err:
+        model.load_state_dict(extra["state"])
+    except (ValueError, RuntimeError, EOFError, KeyError) as err:
         runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
         return None
     runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
@@ -365,6 +387,11 @@ def cached_base(cfg, key, path, runtime):
 
 
 # ----------------------------------------------------------------------------- the other methods
+
+
+def whole(tensor):
+    """An FSDP2 shard (DTensor) gathered from every rank; a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class LowRankLinear(nn.Module):
@@ -394,7 +421,7 @@ class LowRankLinear(nn.Module):
         return F.linear(x, self.W, self.bias) + F.linear(F.linear(x, self.A), self.B)
 
     def weight(self):
-        W, A, B = (sorsa.full_tensor(t) for t in (self.W, self.A, self.B))
+        W, A, B = (whole(t) for t in (self.W, self.A, self.B))
         return W + B @ A  # (m, n), for the analysis metrics
 
 
@@ -430,7 +457,8 @@ def distribute(model, method, runtime):
     if not runtime.fsdp:
         cuda = runtime.device.type == "cuda"
         return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None)
-    placement = sorsa.fsdp_shard_placement(model) if method.startswith("sorsa") else None
+    import sorsa_integrations  # the FSDP2 path alone needs the companion
+    placement = sorsa_integrations.fsdp_shard_placement(model) if method.startswith("sorsa") else None
     for block in model.blocks:
         fully_shard(block, shard_placement_fn=placement)
     fully_shard(model, shard_placement_fn=placement)
@@ -443,7 +471,7 @@ def effective_weight(module):
         return module.merge().weight
     if isinstance(module, LowRankLinear):
         return module.weight()
-    return sorsa.full_tensor(module.weight)
+    return whole(module.weight)
 
 
 def weight_change(model, base, names):
@@ -604,9 +632,13 @@ def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
     with torch.no_grad():
         logits = model(x).float()
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
-    sorsa.save_adapter(model, path)  # rank 0 writes; every rank returns once the file is complete
+    state = sorsa.adapter_state_dict(model)  # on every rank: FSDP2's shards are gathered
+    if runtime.main:
+        torch.save(state, path)
+    if runtime.world > 1:
+        dist.barrier()  # rank 0 has written the file
     reloaded = copy.deepcopy(base)
-    sorsa.load_adapter(reloaded, path)
+    sorsa.load_adapter(reloaded, torch.load(path, weights_only=True))
     sorsa.merge_sorsa(model)  # the last use of the trained model
     rows = {}
     for label, m in (("merged", model), ("reloaded", reloaded)):

@@ -1,0 +1,333 @@
+"""What SORSA needs beyond one plain PyTorch process, beside sorsa.py (which never imports this file).
+
+- The models people fine-tune: nn.Linear subclasses (Falcon's FalconLinear) checked by a probe,
+  nn.MultiheadAttention's out_proj left alone, heads narrower than the rank skipped, modules trained
+  in full beside the adapters (PEFT's modules_to_save), PEFT models refused, a model wholly on the meta
+  device adapted for its shapes, near names suggested for a target that matches nothing.
+  apply_sorsa and load_adapter here do all that sorsa's do, and these.
+- Files: adapters written atomically with a checksum, by rank 0 alone under torch.distributed;
+  the learned change exported as a PEFT LoRA adapter (adapter_model.safetensors).
+- FSDP2: a shard placement that keeps the regularizer's all-reduces r x r.
+
+Hugging Face users import this module beside sorsa: `import sorsa, sorsa_integrations as si`.
+"""
+
+import ctypes
+import difflib
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import Shard
+
+import sorsa
+
+FULL = "modules_to_save"  # '{name}.modules_to_save.{key}': a module trained in full, in an adapter state
+
+
+# ----------------------------------------------------------------------------- files: atomic, checksummed, rank 0
+
+
+def write_atomically(path, write):
+    """Call write(file) on a new temporary file beside `path`, flush it to disk, then rename it: `path`
+    holds the old content or the new, never half. The mode is a plain open()'s (0666 less the umask)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _sha256(tensors):
+    """SHA-256 of the names, dtypes, shapes and bytes of a dict of tensors."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()  # host memory, one block
+        h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(ctypes.string_at(t.data_ptr(), t.nbytes))  # any dtype's bytes, bf16 too, without numpy
+    return h.hexdigest()
+
+
+def save_checked(tensors, path, **extra):
+    """Atomically torch.save {'tensors': tensors, 'sha256': their checksum, **extra} to `path`."""
+    content = {"tensors": tensors, "sha256": _sha256(tensors), **extra}
+    write_atomically(path, lambda f: torch.save(content, f))
+
+
+def load_checked(path):
+    """(tensors, extra) from a save_checked file; a ValueError naming the file if it is truncated,
+    corrupted (torch.load does not notice flipped bytes inside a tensor) or of another kind."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if _sha256(content["tensors"]) != content["sha256"]:
+            raise ValueError("its checksum does not match its contents")
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot use {path}: it is truncated, corrupted or not written by this code "
+                         f"({type(err).__name__}: {err})") from None
+    return content["tensors"], {k: v for k, v in content.items() if k not in ("tensors", "sha256")}
+
+
+def _rank_0_writes(write, path):
+    """write() in one process; under torch.distributed, on rank 0 alone, and every rank returns once it
+    has finished: broadcasting its outcome is the barrier, and rank 0's failure raises on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return write()
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except Exception as err:
+            error = err
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 could not write {path}: {outcome[0]}")
+
+
+# ----------------------------------------------------------------------------- the models people fine-tune
+
+
+def _check_base_model(model, verb):
+    """sorsa's checks of the model to convert, and no other adapter method's (PEFT) inside it."""
+    model = sorsa._check_plain_module(model, verb)
+    peft = sorted({type(mod).__name__ for mod in model.modules() if type(mod).__module__.split(".")[0] == "peft"})
+    if peft:  # found by module path, without importing peft
+        raise TypeError(f"{verb} needs the base model, but this one holds PEFT's {', '.join(peft)} (another "
+                        f"adapter method, e.g. from get_peft_model); nothing was changed. Call {verb} on the model "
+                        "before PEFT wraps it, or on peft_model.merge_and_unload()")
+    return model
+
+
+def _computes_linear(layer):
+    """Whether an nn.Linear subclass computes x W^T + b: true where its forward is nn.Linear's; one with its
+    own forward (Falcon's FalconLinear) is run on a seeded probe and compared with F.linear (a router or a
+    quantized layer does not match). On the meta device it cannot be told: true."""
+    if type(layer).forward is nn.Linear.forward or layer.weight.is_meta:
+        return True
+    W = layer.weight
+    x = torch.randn(2, layer.in_features, generator=torch.Generator(device=W.device).manual_seed(0), device=W.device)
+    try:
+        with torch.no_grad():
+            y, expected = layer(x.to(W.dtype)), F.linear(x.to(W.dtype), W, layer.bias)
+    except Exception:  # a weight F.linear cannot use (float8, int8) or a forward that wants more
+        return False
+    return (isinstance(y, torch.Tensor) and y.shape == expected.shape and
+            torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * expected.float().abs().max().item() + 1e-30))
+
+
+def _unfit_reason(model, name, layer):
+    """Why a layer cannot be adapted, or None: its parent reads its weight instead of calling it
+    (nn.MultiheadAttention's out_proj: a SORSA layer there would be bypassed), or its forward is not
+    x W^T + b (checked by a probe for an nn.Linear subclass)."""
+    if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+        return f"{type(layer).__name__}, whose weight its parent nn.MultiheadAttention reads directly"
+    if isinstance(layer, nn.Linear) and not _computes_linear(layer):
+        return f"{type(layer).__name__}, whose forward is not x W^T + b"
+    return None
+
+
+def _select_full(model, modules_to_save):
+    """Names of the modules that train in full, one per pattern in modules_to_save (matched as targets)."""
+    patterns = () if modules_to_save is None else sorsa._target_patterns(modules_to_save, "modules_to_save")
+    names = []
+    for pattern in patterns:
+        found = [name for name, _ in model.named_modules() if name and sorsa._matches(name, pattern)]
+        if not found:
+            raise ValueError(f"modules_to_save {pattern!r} matches no module of the model; nothing was changed")
+        names += [name for name in found if not any(name.startswith(f + ".") for f in found)]
+    return sorted(set(names))
+
+
+def _check_targets_match(model, targets):
+    """Raise unless every pattern matches a module, suggesting near layer names."""
+    modules = [(name, mod) for name, mod in model.named_modules() if name]
+    for target in targets or ():
+        if not any(sorsa._matches(name, target) for name, _ in modules):
+            linears = [name for name, mod in modules if sorsa._base_weight(mod) is not None]
+            suffixes = {".".join(name.split(".")[i:]) for name in linears for i in range(name.count(".") + 1)}
+            near = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.6) or sorted(
+                {name.rsplit(".", 1)[-1] for name in linears})[:8]
+            raise ValueError(f"target {target!r} matches no layer of the model; nothing was changed. "
+                             f"Near names: {', '.join(near) or 'none: the model has no nn.Linear'}")
+
+
+def _select_targets(model, rank, targets, full):
+    """sorsa's selection, where a layer is unfit as _unfit_reason says, or (by default) inside a module
+    that trains in full, or a head with fewer outputs than the rank. A model partly on the meta device
+    is refused; one wholly on it is adapted for its shapes."""
+    _check_targets_match(model, targets)
+    for name, _ in model.named_modules():
+        inside = [f for f in full if name == f or name.startswith(f + ".")]
+        if targets and inside and name and any(sorsa._matches(name, t) for t in targets):
+            raise ValueError(f"{name} matches the targets but is in {inside[0]}, which trains in full; "
+                             "exclude it from target_modules")
+
+    def unfit(name, layer):
+        m, n = sorsa._base_weight(layer).shape
+        narrow = not targets and m < rank <= n  # by default skipped; named, the rank check refuses it
+        return _unfit_reason(model, name, layer) or (f"rank {rank} is above its {m} outputs: a new classification "
+                                                     "head trains in full with modules_to_save" if narrow else None)
+
+    inside_full = {name for name, _ in model.named_modules() if any(name == f or name.startswith(f + ".") for f in full)}
+    names = sorsa._select_targets(model, rank, targets, unfit, skip=inside_full if not targets else ())
+    meta = [name for name in names if sorsa._base_weight(model.get_submodule(name)).is_meta]
+    if meta and not all(p.is_meta for p in model.parameters()):
+        raise ValueError(f"{len(meta)} of the {len(names)} layers to adapt have their weights on the meta "
+                         f"device (offloaded, or never loaded): {', '.join(meta[:8])}{', ...' if len(meta) > 8 else ''}. "
+                         "Their SVD needs the values: load the model fully first (no disk offload). Nothing was "
+                         "changed. A model wholly on meta is adapted for its shapes only")
+    return names
+
+
+def full_modules(model):
+    """(name, module) pairs of the modules that train in full beside the adapters (modules_to_save)."""
+    return [(name, mod) for name, mod in sorsa.unwrap(model).named_modules()
+            if getattr(mod, "sorsa_trains_in_full", False)]
+
+
+def _train_in_full(model, full):
+    """Mark the modules of `full` ({name: state dict to load, or None}) to train in full, and unfreeze them."""
+    for name, state in full.items():
+        mod = model.get_submodule(name)
+        if state is not None:
+            mod.load_state_dict(state)
+        mod.sorsa_trains_in_full = True
+        mod.requires_grad_(True)
+
+
+def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None, modules_to_save=None):
+    """sorsa.apply_sorsa for the models people fine-tune; return the adapted layers' names.
+
+    target_modules None (or "all-linear"): every layer computing x W^T + b (nn.Linear, subclasses that
+    pass the probe, Conv1D-style) but, with a warning, the output head, tied weights, layers with fewer
+    outputs than the rank and nn.MultiheadAttention's out_proj; or names, matched against the end of
+    module names. modules_to_save: modules that train in full and travel with the adapter (a new head:
+    ["classifier"]), as in PEFT. Everything is checked before the first layer is touched.
+    """
+    model = _check_base_model(model, "apply_sorsa")
+    sorsa._check_rank(rank)
+    sorsa._check_split_arguments(niter, factor_dtype)
+    full = _select_full(model, modules_to_save)
+    names = _select_targets(model, rank, sorsa._target_patterns(target_modules), full)
+    sorsa._convert(model, names, lambda name: sorsa.SORSALinear.from_linear(model.get_submodule(name), rank, niter,
+                                                                             factor_dtype))
+    _train_in_full(model, dict.fromkeys(full))
+    return names
+
+
+# ----------------------------------------------------------------------------- adapters with their files
+
+
+def adapter_state_dict(model):
+    """sorsa.adapter_state_dict, and the state of each module trained in full ('{name}.modules_to_save.{key}')."""
+    state = sorsa.adapter_state_dict(model)
+    state.update({f"{name}.{FULL}.{key}": sorsa._whole(t).detach().to("cpu", copy=True)
+                  for name, mod in full_modules(model) for key, t in mod.state_dict().items()})
+    return state
+
+
+def save_adapter(model, path):
+    """Write adapter_state_dict(model) to `path` atomically, with a checksum (save_checked). Under
+    torch.distributed call it on every rank: rank 0 writes, every rank returns once the file is complete."""
+    state = adapter_state_dict(model)  # every rank: FSDP2's shards are gathered
+    _rank_0_writes(lambda: save_checked(state, path), path)
+
+
+def load_adapter(model, state, factor_dtype=None, check_base=True):
+    """sorsa.load_adapter for a dict or a save_adapter file, with the modules trained in full; return the
+    layers' names. Everything is checked before the model is touched."""
+    if not isinstance(state, (dict, str, os.PathLike)):
+        raise TypeError(f"state must be an adapter dict or a file path, got {sorsa._describe(state)}")
+    model = _check_base_model(model, "load_adapter")
+    source, state = ("the adapter state", state) if isinstance(state, dict) else \
+        (f"adapter file {state}", load_checked(state)[0])
+    full = {}
+    for key in [k for k in state if f".{FULL}." in str(k)]:
+        module, _, rest = str(key).partition(f".{FULL}.")
+        full.setdefault(module, {})[rest] = state[key]
+    for name, parts in full.items():
+        try:
+            own = model.get_submodule(name).state_dict()
+        except AttributeError:
+            raise ValueError(f"{source} has module {name}, which this model lacks; is it the right base model?") from None
+        if own.keys() != parts.keys() or any(own[k].shape != parts[k].shape for k in own):
+            raise ValueError(f"{source}: module {name}, trained in full, has keys and shapes "
+                             f"{ {k: tuple(v.shape) for k, v in parts.items()} } but this model's is "
+                             f"{ {k: tuple(v.shape) for k, v in own.items()} }; is it the right base model?")
+    layers = {k: v for k, v in state.items() if f".{FULL}." not in str(k)}
+    names = sorsa.load_adapter(model, layers, factor_dtype, check_base, source)
+    _train_in_full(model, full)
+    return names
+
+
+def lora_state_dict(model):
+    """The learned change as plain LoRA factors, '{name}.lora_A.weight' (2r, n) and '.lora_B.weight' (m, 2r):
+    B A = U_p,t diag(S_p,t) Vt_p,t - U_p,0 diag(S_p,0) Vt_p,0 = W_p,t - W_p,0, which any LoRA loader adds
+    to the original base weight with scaling 1. A module trained in full comes whole, '{name}.{key}'."""
+    state = adapter_state_dict(model)
+    out = {k.replace(f".{FULL}.", "."): v for k, v in state.items() if f".{FULL}." in k}
+    for name, mod in sorsa.sorsa_modules(model):
+        U, S, Vt, U0, S0, Vt0 = (state[f"{name}.{key}"] for key in sorsa.ADAPTER_KEYS)
+        out[f"{name}.lora_A.weight"] = torch.cat([Vt, Vt0], dim=0)  # (2r, n)
+        out[f"{name}.lora_B.weight"] = torch.cat([U * S, -U0 * S0], dim=1)  # (m, 2r)
+    return out
+
+
+def save_lora(model, directory, base_name=None):
+    """Write the learned change as a PEFT LoRA adapter, for PeftModel.from_pretrained(base, directory).
+
+    adapter_model.safetensors: lora_state_dict(model) under PEFT's keys, the pickle-free format PEFT's
+    save_pretrained writes by default (safetensors comes with peft). adapter_config.json: r = lora_alpha =
+    2 rank (scaling 1), fan_in_fan_out for Conv1D-style layers, modules trained in full as
+    modules_to_save. Call it on every rank, as save_adapter.
+    """
+    from safetensors.torch import save  # peft's own dependency: imported only here
+
+    weights = {f"base_model.model.{k}": v.contiguous() for k, v in lora_state_dict(model).items()}
+    found = sorsa.sorsa_modules(model)
+    rank_of = {name: 2 * mod.rank for name, mod in found}
+    r = max(rank_of.values())
+    others = {name: rr for name, rr in rank_of.items() if rr != r}  # per-layer ranks, if they differ
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
+              "r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": others,
+              "target_modules": sorted(rank_of), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": all(not issubclass(mod.base_type, nn.Linear) for _, mod in found),
+              "modules_to_save": [name for name, _ in full_modules(model)] or None,
+              "init_lora_weights": True, "inference_mode": True}
+
+    def write():
+        os.makedirs(directory, exist_ok=True)
+        write_atomically(os.path.join(directory, "adapter_model.safetensors"),
+                         lambda f: f.write(save(weights, metadata={"format": "pt"})))
+        write_atomically(os.path.join(directory, "adapter_config.json"),
+                         lambda f: f.write(json.dumps(config, indent=2).encode()))
+    _rank_0_writes(write, directory)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def fsdp_shard_placement(model, world_size=None):
+    """A shard_placement_fn for fully_shard(m, shard_placement_fn=...): Vt_p and Vt_p0 by columns (dim 1),
+    so that the regularizer's Gram of Vt_p^T is a sum of r x r parts (one all-reduce), where the world size
+    (default: torch.distributed's) divides their width n (FSDP2 shards other dims only evenly); every other
+    tensor by rows. The regularizer is correct either way: a Vt_p held by rows is gathered whole."""
+    world = world_size or dist.get_world_size()
+    by_columns = {id(p) for _, mod in sorsa.sorsa_modules(model) for p in (mod.Vt_p, mod.Vt_p0)
+                  if p.shape[1] % world == 0}
+    return lambda param: Shard(1) if id(param) in by_columns else None
