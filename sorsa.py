@@ -1,7 +1,6 @@
 """SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation.
 
-Reference implementation of arXiv:2409.00055 in one file that needs only torch (>= 2.9).
-MIT License (see LICENSE): copy it into your own code.
+Reference implementation of arXiv:2409.00055 that needs only torch (>= 2.9); MIT License (LICENSE): copy it.
 
 The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in)):
 
@@ -14,11 +13,10 @@ The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in))
     loss  = L_train + (gamma / lr_max) L_reg              one optimizer, one scheduler   (Eq. 6)
     merge: nn.Linear(weight = W_r + U_p diag(S_p) Vt_p)   no inference latency
 
-PiSSA is the same split with U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained as two matrices
-and no regularizer. This file follows the paper's order; sorsa_integrations.py adds what Hugging
-Face, PEFT, checksummed files and FSDP2 need. Precision, as in mixed-precision training: what
-trains is stored in float32; what is frozen (W_r, bias) keeps the weight's dtype; the forward runs
-in the activations' dtype; the SVD, residual, regularizer and merge run in IEEE float32 or wider.
+PiSSA: the same split, U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained, no regularizer. This file
+follows the paper; sorsa_integrations.py adds Hugging Face, PEFT, checksummed files and FSDP2. Precision:
+what trains is stored in float32, what is frozen keeps the weight's dtype, the forward runs in the
+activations' dtype, and the SVD, residual, regularizer and merge in IEEE float32 or wider.
 """
 
 import contextlib
@@ -32,15 +30,14 @@ import torch.nn.functional as F
 ADAPTER_KEYS = ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0")  # per layer, in an adapter state
 BASE_TOLERANCE = 0.05  # load_adapter's base check: the right base in bf16 gives ~1e-3, another ~1
 
-# ------------------------------------------------------------------------ precision and checks
-
+# ---------------------------------------------------------------------------------- precision and checks
 def _wide_dtype(*dtypes):
     """float64 if any of the dtypes is float64, else float32: the dtype of exact computations."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 @contextlib.contextmanager
 def _ieee_matmuls():
-    """IEEE float32 matmuls inside, whatever the caller set (TF32 on CUDA, bf16 passes on the CPU's oneDNN)."""
+    """IEEE float32 matmuls inside, whatever the caller allows (TF32 on CUDA, bf16 passes in oneDNN on AMX)."""
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     saved = [b.fp32_precision for b in backends]
     try:
@@ -50,9 +47,6 @@ def _ieee_matmuls():
     finally:
         for b, value in zip(backends, saved):
             b.fp32_precision = value
-
-def _describe(value):
-    return f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else f"{type(value).__name__} {value!r}"
 
 def _check_rank(rank, m=None, n=None, where=""):
     """Raise unless rank is an int, in [1, min(m, n)] if given; `where` names the layer."""
@@ -68,19 +62,17 @@ def _check_split_arguments(niter, factor_dtype):
         raise TypeError(f"factor_dtype must be None or a floating torch.dtype, got {factor_dtype!r}")
 
 def _check_weight(weight, where=""):
-    """Raise unless weight is a 2-D floating tensor of finite values (meta: shapes only)."""
+    """Raise unless weight is a 2-D floating tensor of finite values (on the meta device: shapes only)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight{where} must be a 2-D tensor (out, in), got {_describe(weight)}")
+        raise ValueError(f"weight{where} must be a 2-D tensor (out, in), got {getattr(weight, 'shape', weight)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight{where} has dtype {weight.dtype}; SORSA needs a floating weight: dequantize it")
     if not weight.is_meta and not torch.isfinite(weight).all():
         raise ValueError(f"weight{where} contains NaN or Inf; the SVD of it is undefined")
 
-# ------------------------------------------------------------------------ SVD split (Eqs. 1-2)
-
+# ---------------------------------------------------------------------------------- SVD split (Eqs. 1-2)
 def _add_W_p(W, U_p, S_p, Vt_p, alpha):
-    """W + alpha U_p diag(S_p) Vt_p, computed wide, cast once to W's dtype: (m, n) -> (m, n). alpha = -1 gives W_r =
-    W_0 - W_p (Eq. 2), a difference, so that the merge (alpha = +1) gives back W_0 to one rounding."""
+    """W + alpha U_p diag(S_p) Vt_p (m, n), computed wide and cast once: alpha -1 gives W_r (Eq. 2), +1 the merge."""
     wide = _wide_dtype(W.dtype, U_p.dtype)
     out = W.detach().to(wide, memory_format=torch.contiguous_format, copy=True)  # (m, n)
     with _ieee_matmuls():
@@ -90,12 +82,13 @@ def _add_W_p(W, U_p, S_p, Vt_p, alpha):
 def _orthonormalized(factor):
     """factor (k, r) with orthonormal columns to its dtype's rounding (a float32 SVD's are to ~100 roundings)."""
     Q, R = torch.linalg.qr(factor.double())  # (k, r), (r, r) with a diagonal of ~+-1
-    return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(factor.dtype)
+    return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(factor.dtype)  # each column kept itself
 
-def _top_triplets(W, rank, niter):
-    """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1): exact (niter None), or randomized with niter power iterations."""
+def _top_triplets(weight, rank, niter):
+    """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1), in float32 or wider (a bf16 SVD fails): exact or randomized."""
+    W = weight.detach().to(_wide_dtype(weight.dtype))  # (m, n)
     sketch = rank + max(rank, 10)  # oversampled, for accurate top singular values
-    if niter is None or sketch >= min(W.shape) or W.is_meta:  # on the meta device: shapes only
+    if niter is None or sketch >= min(W.shape) or W.is_meta:
         U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
         return U[:, :rank], S[:rank], Vt[:rank]
     gen = torch.Generator(device=W.device).manual_seed(0)  # seeded: one weight always gives one split
@@ -106,51 +99,42 @@ def _top_triplets(W, rank, niter):
     return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
 
 def svd_split(weight, rank, niter=None, factor_dtype=None):
-    """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2). niter None: exact SVD; an
-    int: randomized, faster on large weights (W_r keeps the layer exact either way). Factors in factor_dtype
-    (float32 by default, float64 for float64), W_r in the weight's dtype."""
+    """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2); niter: randomized SVD.
+    Factors in factor_dtype (default float32, float64 for float64), W_r in W_0's dtype: W_r + W_p = W_0 exactly."""
     _check_weight(weight)
     _check_rank(rank, *weight.shape)
     _check_split_arguments(niter, factor_dtype)
     with torch.no_grad(), _ieee_matmuls():  # the sketch's products too in IEEE float32
-        W = weight.detach().to(_wide_dtype(weight.dtype))  # (m, n): bf16 and fp16 SVDs fail or are far off
-        U_p, S_p, Vt_p = _top_triplets(W, rank, niter)
-        U_p, S_p, Vt_p = (t.to(factor_dtype or W.dtype, memory_format=torch.contiguous_format, copy=True)
-                          for t in (_orthonormalized(U_p), S_p, _orthonormalized(Vt_p.mT).mT))
-        del W  # U, V^T and the wide copy are freed: only the factors and W_r outlive the split
-        # Eq. 2 from the stored factors, so that a narrow factor_dtype's rounding goes into W_r.
+        U_p, S_p, Vt_p = _top_triplets(weight, rank, niter)
+        U_p, S_p, Vt_p = (t.to(factor_dtype or _wide_dtype(weight.dtype), memory_format=torch.contiguous_format,
+                               copy=True) for t in (_orthonormalized(U_p), S_p, _orthonormalized(Vt_p.mT).mT))
         return U_p, S_p, Vt_p, _add_W_p(weight, U_p, S_p, Vt_p, alpha=-1)
 
-# ------------------------------------------------------------------------ the layer (Eq. 3)
-
+# ---------------------------------------------------------------------------------- the layer (Eq. 3)
 def _whole(tensor):
     """The whole tensor: an FSDP2 shard (a DTensor) gathered from every rank; a tensor as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 def _base_weight(layer):
-    """W_0 (out, in) of a layer SORSA can replace, or None: an nn.Linear's weight (subclasses too), or the transpose
-    of a Conv1D-style one (GPT-2's: attribute nf, weight (in, out), y = x W + b; told without importing
-    transformers)."""
+    """W_0 (out, in) of an nn.Linear, or of a Conv1D-style layer (GPT-2's: weight (in, out) = W_0^T); else None."""
     if isinstance(layer, nn.Linear):
         return layer.weight
     weight = getattr(layer, "weight", None)
-    conv1d = type(layer).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
-    return weight.mT if conv1d and weight.dim() == 2 and weight.shape[1] == layer.nf else None
+    conv1d = type(layer).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+    return weight.mT if conv1d and weight.shape[1] == layer.nf else None
 
 class SORSALinear(nn.Module):
-    """y = x W_r^T + ((x Vt_p^T) * S_p) U_p^T + b (Eq. 3): x (..., n) -> y (..., m). Trainable: U_p (m, r), S_p (r,),
-    Vt_p (r, n), r (m + n + 1) numbers. Frozen: W_r (m, n), the bias, and the initial U_p0, S_p0, Vt_p0 (for
-    exporting W_p,t - W_p,0). base_type: the replaced class, which merge() gives."""
-
+    """y = x W_r^T + ((x Vt_p^T) * S_p) U_p^T + b (Eq. 3), (..., n) -> (..., m). Trainable: U_p (m, r), S_p (r,),
+    Vt_p (r, n). Frozen: W_r (m, n), bias, the initial U_p0, S_p0, Vt_p0, and base_type, which merge() gives."""
     def __init__(self, U_p, S_p, Vt_p, W_r, bias=None, base_type=nn.Linear):
         super().__init__()
         (m, r), n = U_p.shape, W_r.shape[1]
         if S_p.shape != (r,) or Vt_p.shape != (r, n) or W_r.shape != (m, n):
-            shapes = [tuple(t.shape) for t in (U_p, S_p, Vt_p, W_r)]
-            raise ValueError(f"inconsistent SORSA shapes {shapes} of U_p, S_p, Vt_p, W_r: need (m, r), (r,), (r, n), (m, n)")
+            raise ValueError(f"inconsistent SORSA shapes {[tuple(t.shape) for t in (U_p, S_p, Vt_p, W_r)]} of "
+                             "U_p, S_p, Vt_p, W_r: they must be (m, r), (r,), (r, n), (m, n)")
         self.in_features, self.out_features, self.rank, self.base_type = n, m, r, base_type
         self.U_p, self.S_p, self.Vt_p = (nn.Parameter(t.detach().clone()) for t in (U_p, S_p, Vt_p))
-        self.W_r = nn.Parameter(W_r.detach(), requires_grad=False)  # (m, n), not copied: large
+        self.W_r = nn.Parameter(W_r.detach(), requires_grad=False)  # (m, n), not copied: as large as W_0
         self.U_p0, self.S_p0, self.Vt_p0 = (nn.Parameter(t.detach().clone(), requires_grad=False)
                                             for t in (U_p, S_p, Vt_p))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -164,8 +148,7 @@ class SORSALinear(nn.Module):
 
     @property
     def weight(self):
-        """W_r in the replaced layer's layout, for code that reads a layer's weight for its dtype or device (T5 casts
-        its input to wo.weight.dtype). Not the effective weight: see merge()."""
+        """W_r in the replaced layout, for code reading a layer's weight dtype (T5's); merge() gives the effective."""
         return self.W_r if issubclass(self.base_type, nn.Linear) else self.W_r.mT
 
     def forward(self, x):
@@ -176,17 +159,15 @@ class SORSALinear(nn.Module):
         return F.linear(x, self.W_r, self.bias) + F.linear(low, self.U_p.to(low.dtype))  # (..., m)
 
     def merge(self):
-        """A frozen layer of the replaced type (nn.Linear for a subclass with its own constructor) with weight W_r +
-        U_p diag(S_p) Vt_p: no inference latency, the original state-dict keys."""
-        W = _add_W_p(*(_whole(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p)), alpha=+1)
-        linear = issubclass(self.base_type, nn.Linear)
+        """A frozen layer of the replaced type (or nn.Linear) with weight W_r + U_p diag(S_p) Vt_p: no latency."""
+        W = _add_W_p(*(_whole(t) for t in (self.W_r, self.U_p, self.S_p, self.Vt_p)), alpha=+1)  # (m, n)
         with torch.device("meta"):  # shapes only: the weights are assigned below
-            if not linear:
-                layer = self.base_type(self.out_features, self.in_features)  # Conv1D(nf, nx)
-            else:
+            if issubclass(self.base_type, nn.Linear):  # a subclass with a constructor of its own: nn.Linear
                 cls = self.base_type if self.base_type.__init__ is nn.Linear.__init__ else nn.Linear
                 layer = cls(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight = nn.Parameter(W if linear else W.mT.contiguous(), requires_grad=False)
+            else:
+                layer, W = self.base_type(self.out_features, self.in_features), W.mT.contiguous()  # Conv1D(nf, nx)
+        layer.weight = nn.Parameter(W, requires_grad=False)
         if self.bias is not None:
             layer.bias = nn.Parameter(_whole(self.bias).detach().clone(), requires_grad=False)
         return layer
@@ -195,25 +176,23 @@ class SORSALinear(nn.Module):
         layout = "" if self.base_type is nn.Linear else f", replacing {self.base_type.__name__}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{layout}"
 
-# ------------------------------------------------------------------------ regularizer (Eq. 4), update (Eq. 6)
-
+# ---------------------------------------------------------------------------------- regularizer (Eq. 4), update (Eq. 6)
 def unwrap(model):
-    """The model inside DistributedDataParallel or torch.compile (FSDP2 shards in place)."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return unwrap(model.module)
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    """The model inside DistributedDataParallel or torch.compile's OptimizedModule (FSDP2 shards in place)."""
+    ddp = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    inner = model.module if ddp else getattr(model, "_orig_mod", None)
     return unwrap(inner) if isinstance(inner, nn.Module) else model
 
 def sorsa_modules(model, argument="model"):
     """(name, SORSALinear) pairs of a model (wrappers seen through), or of a list of SORSA layers."""
-    layers = model if isinstance(model, nn.Module) else list(model) if isinstance(model, (list, tuple)) else None
-    if layers is None or isinstance(layers, list) and not all(isinstance(m, SORSALinear) for m in layers):
-        raise TypeError(f"{argument} must be an nn.Module or a list of SORSALinear layers, got {_describe(model)}")
-    return [(n, m) for n, m in unwrap(nn.ModuleList(layers) if isinstance(layers, list) else layers).named_modules()
-            if isinstance(m, SORSALinear)]
+    if isinstance(model, (list, tuple)) and all(isinstance(layer, SORSALinear) for layer in model):
+        model = nn.ModuleList(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be an nn.Module or a list of SORSALinear layers, got {type(model).__name__}")
+    return [(name, mod) for name, mod in unwrap(model).named_modules() if isinstance(mod, SORSALinear)]
 
 def _require_adapters(model, argument="model", finite_for=None):
-    """sorsa_modules(model), refusing none; with finite_for (what a NaN would spoil), finite factors."""
+    """sorsa_modules(model), refusing none; with finite_for (what a NaN would spoil), refusing non-finite ones."""
     found = sorsa_modules(model, argument)
     if not found:
         raise ValueError("the model has no SORSA adapters; call apply_sorsa(model, rank) first")
@@ -225,9 +204,8 @@ def _require_adapters(model, argument="model", finite_for=None):
     return found
 
 class _Gram(torch.autograd.Function):
-    """G = F^T F of factors F (L, k, r) -> (L, r, r) and its gradient F (dG + dG^T), both in IEEE float32 or wider:
-    left to autograd, the backward's product would run at whatever precision the caller set then (TF32, AMX)."""
-
+    """G = F^T F (L, r, r) of factors F (L, k, r), and F (dG + dG^T) back, both in IEEE float32 or wider (left to
+    autograd, the backward would run at whatever precision the caller set then: TF32, AMX's bf16)."""
     @staticmethod
     def forward(ctx, factors):
         ctx.save_for_backward(factors)
@@ -242,42 +220,36 @@ class _Gram(torch.autograd.Function):
             return factors @ (grad + grad.mT)  # (L, k, r)
 
 def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
-    """L_reg, Eq. 4 per layer, ||U_p^T U_p - I||_F + ||Vt_p Vt_p^T - I||_F, over the layers. "mean" (default) divides
-    the sum by the 2 L factor matrices, as the authors' code does (their gamma was tuned on it: docs/gamma.md);
-    "sum" is Eq. 5 as written. squared=True sums squared norms, whose gradient, unlike the paper's, vanishes at
-    orthonormality."""
+    """L_reg: Eq. 4 over the layers, "sum" as Eq. 5 writes it, or its "mean" over the 2 L factor matrices as the
+    authors' code does (their gamma is on it: docs/gamma.md). squared: squared norms, whose gradient vanishes at I."""
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' (the authors' code) or 'sum' (Eq. 5 as written), got {reduction!r}")
+        raise ValueError(f"reduction must be 'mean' (the authors' code) or 'sum' (Eq. 5), got {reduction!r}")
     found = _require_adapters(model_or_modules, "model_or_modules")
     stacks = {}  # written per layer, computed per shape: every U_p (m, r) and Vt_p^T (n, r)
     for _, mod in found:
-        for factor in (mod.U_p, mod.Vt_p.mT):
-            placement = getattr(factor, "placements", None)  # FSDP2: stacked with their like, so each rank sums r x r
-            stacks.setdefault((factor.shape, factor.dtype, factor.device, placement), []).append(factor)
+        for factor in (mod.U_p, mod.Vt_p.mT):  # FSDP2: stacked with their like placements
+            key = (factor.shape, factor.dtype, factor.device, getattr(factor, "placements", None))
+            stacks.setdefault(key, []).append(factor)
     terms = []
-    for (_, dtype, _, _), factors in stacks.items():
-        # FSDP2: a factor sharded by rows gives each rank part of the Gram, which _whole sums (all-reduce).
-        gram = _whole(_Gram.apply(torch.stack(factors).to(_wide_dtype(dtype))))  # (L, r, r)
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        norms = torch.linalg.matrix_norm(gram - eye)  # (L,): Eq. 4, one norm per factor
+    for factors in stacks.values():  # FSDP2: rows sharded give each rank part of the Gram, _whole sums them
+        gram = _whole(_Gram.apply(torch.stack(factors).to(_wide_dtype(factors[0].dtype))))  # (L, r, r)
+        norms = torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device))
         terms.append((norms.square() if squared else norms).sum())
     total = sum(t.to(terms[0].device) for t in terms)
     return total / (2 * len(found)) if reduction == "mean" else total
 
 def _check_gamma(model, gamma, lr_max):
     sorsa_modules(model)  # the model's type first
-    for name, value in (("gamma", gamma), ("lr_max", lr_max)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {_describe(value)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (gamma, lr_max)):
+        raise TypeError(f"gamma and lr_max must be numbers, got {gamma!r} and {lr_max!r}")
     if not (gamma >= 0 and lr_max > 0):
         raise ValueError(f"gamma must be >= 0 and lr_max the peak learning rate (> 0), got {gamma}, {lr_max}")
 
 def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"):
-    """L_train + (gamma / lr_max) L_reg. A step of size eta_t on it is Eq. 6 with gamma_t = gamma eta_t / lr_max, one
-    optimizer and one scheduler (exact for SGD). A clip after its backward clips both terms; the authors clip the
-    task gradient alone, as add_regularizer_grad does."""
+    """L_train + (gamma / lr_max) L_reg: a step of size eta_t is Eq. 6 with gamma_t = gamma eta_t / lr_max (exact for
+    SGD). A clip after it clips both terms; the authors clip the task's alone, as add_regularizer_grad does."""
     if not isinstance(train_loss, torch.Tensor) or train_loss.numel() != 1:
-        raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {_describe(train_loss)}; "
+        raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {type(train_loss).__name__}; "
                         "the order is sorsa_loss(train_loss, model, gamma, lr_max)")
     _check_gamma(model, gamma, lr_max)
     if gamma == 0:
@@ -285,10 +257,8 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"
     return train_loss + (gamma / lr_max) * orthonormal_regularizer(model, squared, reduction)
 
 def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
-    """Add the gradient of (gamma / lr_max) L_reg to the factors' .grad (Eq. 6's second term) after the task gradient
-    was clipped, as the authors do; return L_reg, detached. Call it once per optimizer step (gradient accumulation
-    too; under DDP without an all-reduce), between the clip and the step. The paper's runs had gamma = 6.25e-6 at
-    lr_max = 3e-5 on the mean (docs/gamma.md)."""
+    """Add grad (gamma / lr_max) L_reg (Eq. 6) to the factors' .grad between the clip and optimizer.step(), once a
+    step, as the authors do; return L_reg. Their runs had gamma 6.25e-6 at lr_max 3e-5 (docs/gamma.md)."""
     _check_gamma(model, gamma, lr_max)
     reg = orthonormal_regularizer(model, squared, reduction)
     if gamma > 0:
@@ -296,27 +266,24 @@ def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
     return reg.detach()
 
 def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
-    """The paper's schedule (App. B): linear warm-up over 3% of the steps, then cosine decay to 0. Its peak is the
-    optimizer's lr, the lr_max of Eq. 6."""
+    """App. B: linear warm-up over 3% of the steps, cosine decay to 0; its peak, the optimizer's lr, is lr_max."""
     warmup = max(1, round(warmup_ratio * total_steps))
-
     def factor(step):  # multiplies the optimizer's lr at `step`
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-# ------------------------------------------------------------------------ a model: apply and merge
-
+# ---------------------------------------------------------------------------------- a model: apply and merge
 def _check_plain_module(model, verb):
     """The model to convert, seen through torch.compile: not yet adapted, not yet DDP-wrapped."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{verb} needs an nn.Module as its model, got {_describe(model)}")
+        raise TypeError(f"{verb} needs an nn.Module as its model, got {type(model).__name__}")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise TypeError(f"{verb} changes layers that {type(model).__name__} registered; call {verb} on the plain model first, then wrap it")
+        raise TypeError(f"{verb} changes layers {type(model).__name__} registered: call {verb} on the plain model "
+                        "first, then wrap it")
     if sorsa_modules(model):
-        raise ValueError(f"the model already has SORSA adapters; call merge_sorsa(model) first or start from the base model")
+        raise ValueError("the model already has SORSA adapters: merge_sorsa(model) first, or start from the base")
     return unwrap(model)
 
 def _matches(name, target):
@@ -333,9 +300,8 @@ def _target_patterns(target_modules, argument="target_modules"):
     return targets
 
 def _select_targets(model, rank, targets, unfit=None, skip=()):
-    """Names of the layers to adapt, each checked: those matching `targets`, or else every nn.Linear and Conv1D-style
-    layer but the output head and tied weights, and what unfit(name, layer) gives a reason against (by default an
-    nn.Linear subclass, which sorsa_integrations probes). Default skips are named in a warning; `skip`, not."""
+    """The layers to adapt, all checked: those matching `targets`, or else every linear layer but the output head,
+    tied weights and what unfit(name, layer) objects to, named in a warning (`skip`: silently)."""
     for target in targets or ():
         if not any(_matches(name, target) for name, _ in model.named_modules()):
             raise ValueError(f"target {target!r} matches no layer of the model; nothing was changed")
@@ -343,12 +309,12 @@ def _select_targets(model, rank, targets, unfit=None, skip=()):
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    unfit = unfit or (lambda name, mod: f"{type(mod).__name__}, an nn.Linear subclass (sorsa_integrations probes "
-                      "those)" if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear else None)
+    unfit = unfit or (lambda name, mod: f"{type(mod).__name__}, an nn.Linear subclass (sorsa_integrations "
+                      "probes those)" if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear else None)
     selected, skipped = [], []
     for name, mod in model.named_modules():
-        if not name or name in skip or (not any(_matches(name, t) for t in targets) if targets else
-                                        _base_weight(mod) is None):
+        if not name or name in skip or (not any(_matches(name, t) for t in targets) if targets
+                                        else _base_weight(mod) is None):
             continue
         tied = [o for o in names_of.get(id(getattr(mod, "weight", None)), []) if o != f"{name}.weight"]
         wrong_type = (f"{type(mod).__name__}, not nn.Linear or a Conv1D-style layer" if _base_weight(mod) is None
@@ -371,8 +337,7 @@ def _select_targets(model, rank, targets, unfit=None, skip=()):
     return selected
 
 def _convert(model, names, build):
-    """Set each layer `name` to build(name), one at a time (one extra layer's weight at most), then freeze all but the
-    factors. A failure midway (out of memory, Ctrl-C) leaves each layer wholly original or wholly SORSA."""
+    """Set each layer to build(name), one at a time (a failure leaves each whole), then freeze all but factors."""
     done = []
     try:
         for name in names:
@@ -389,38 +354,32 @@ def _convert(model, names, build):
     return list(names)
 
 def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None):
-    """Replace linear layers by SORSA layers in place, freeze the rest; return the layers' names. target_modules None
-    (or "all-linear"): every nn.Linear and Conv1D-style layer but the output head (lm_head,
-    get_output_embeddings()) and tied weights; or names such as ["q_proj", "v_proj"], matched against the end of
-    module names. All is checked before a layer changes."""
+    """Replace linear layers by SORSA layers in place, freeze the rest; return their names. target_modules: names
+    (["q_proj", "v_proj"], matching name ends), or None: every nn.Linear and Conv1D-style layer but the output
+    head (lm_head, get_output_embeddings()) and tied weights. Everything is checked before a layer changes."""
     model = _check_plain_module(model, "apply_sorsa")
     _check_rank(rank)
     _check_split_arguments(niter, factor_dtype)
     names = _select_targets(model, rank, _target_patterns(target_modules))
-    if any(_base_weight(model.get_submodule(name)).is_meta for name in names):
-        raise ValueError("layers to adapt are on the meta device, without values to split: load the model first "
-                         "(sorsa_integrations adapts a model wholly on meta, for its shapes); nothing was changed")
-    return _convert(model, names, lambda name: SORSALinear.from_linear(model.get_submodule(name), rank, niter, factor_dtype))
+    return _convert(model, names, lambda n: SORSALinear.from_linear(model.get_submodule(n), rank, niter, factor_dtype))
 
 def merge_sorsa(model):
-    """Replace every SORSA layer in place by its merge(), a layer of the type it replaced."""
+    """Replace every SORSA layer in place by its merge(), a layer of the type it replaced; return their names."""
     found = _require_adapters(model, finite_for="merge_sorsa merged nothing")
     for name, mod in found:  # one layer at a time: one extra layer's weight at most
         unwrap(model).set_submodule(name, mod.merge())
     return [name for name, _ in found]
 
-# ------------------------------------------------------------------------ adapters
-
+# ---------------------------------------------------------------------------------- adapters
 def adapter_state_dict(model):
-    """Per layer the trained and the initial factors, '{name}.U_p', ..., '{name}.Vt_p0', as CPU copies (FSDP2's shards
-    gathered: call it on every rank). Together they put W_p,t - W_p,0 onto the original base (weight W_r + W_p,0)
-    with no W_r and no SVD. Save it with torch.save."""
+    """'{layer}.U_p', ..., '{layer}.Vt_p0': the trained and the initial factors, CPU copies (FSDP2: call it on every
+    rank), which put W_p,t - W_p,0 onto the original base without W_r or an SVD. Save it with torch.save."""
     found = _require_adapters(model, finite_for="no adapter state was made")
     return {f"{name}.{key}": _whole(getattr(mod, key)).detach().to("cpu", copy=True)
             for name, mod in found for key in ADAPTER_KEYS}
 
 def _adapter_layers(model, state, source, check_base):
-    """{layer name: {key: tensor}} from an adapter state, each checked against the model (and its base weight)."""
+    """{layer: {key: tensor}} of an adapter state, checked against the model (with check_base, its weights too)."""
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{source}: an adapter state must be a non-empty dict from adapter_state_dict()")
     layers, modules = {}, dict(model.named_modules())
@@ -428,57 +387,54 @@ def _adapter_layers(model, state, source, check_base):
         name, _, part = str(key).rpartition(".")
         layers.setdefault(name, {})[part] = tensor
     for name, parts in layers.items():
-        W_0 = _base_weight(modules[name]) if name in modules else None
-        (m, n), S_p = W_0.shape if W_0 is not None else (0, 0), parts.get("S_p")
-        r = S_p.shape[0] if isinstance(S_p, torch.Tensor) and S_p.dim() == 1 else 0
+        W_0, S_p = _base_weight(modules.get(name)), parts.get("S_p")
+        m, n = W_0.shape if W_0 is not None else (0, 0)
+        r = S_p.shape[0] if torch.is_tensor(S_p) and S_p.dim() == 1 else 0
         needs = {k: {"U_p": (m, r), "S_p": (r,), "Vt_p": (r, n)}[k.removesuffix("0")] for k in ADAPTER_KEYS}
         has = {k: tuple(getattr(v, "shape", ())) for k, v in parts.items()}
         bad = [k for k, v in parts.items() if not (torch.is_tensor(v) and v.is_floating_point() and v.isfinite().all())]
         if W_0 is None or has != needs or not 1 <= r <= min(m, n) or bad:
-            layer = (f"is {m}x{n} (out x in), which at rank {r} needs {needs}" if W_0 is not None else
-                     f"is {type(modules[name]).__name__}, not nn.Linear or Conv1D-style" if name in modules
-                     else "is not in this model")
-            note = f" ({', '.join(bad)} not finite floats)" if bad else ""
-            raise ValueError(f"{source}: layer {name!r} has {has}{note}, "
-                             f"but the layer {layer}; is it the right base model? Nothing was changed")
-        if check_base and not W_0.is_meta:  # the initial factors are W_0's top-r triplets: U_p0^T W_0 V_p0 = diag(S_p0)
+            layer = (f"is {m}x{n} (out x in), which at rank {r} needs {needs}" if W_0 is not None else "is absent"
+                     if name not in modules else f"is {type(modules[name]).__name__}, not nn.Linear or Conv1D-style")
+            has = f"{has} ({', '.join(bad)} not finite floats)" if bad else has
+            raise ValueError(f"{source}: layer {name!r} has {has}, but the layer {layer}; is it the right base model? "
+                             "Nothing was changed")
+        if check_base and not W_0.is_meta:  # the initial factors are W_0's top-r triplets: U_p0^T W_0 V_p0 = S_p0
             wide = _wide_dtype(W_0.dtype, parts["U_p0"].dtype)
             U0, S0, Vt0 = (parts[k].to(W_0.device, wide) for k in ("U_p0", "S_p0", "Vt_p0"))
             with torch.no_grad(), _ieee_matmuls():
                 error = torch.linalg.matrix_norm(U0.mT @ W_0.to(wide) @ Vt0.mT - torch.diag(S0)) / S0.norm()
             if not error <= BASE_TOLERANCE:  # ~0 for the right base (bf16: ~1e-3), ~1 for another
-                raise ValueError(f"{source}: layer {name} does not hold the weight the adapter was made from: "
-                                 f"||U_p0^T W_0 V_p0 - diag(S_p0)||_F / ||S_p0|| = {error:.3g}, above {BASE_TOLERANCE}. "
-                                 "Is it the right base model? Nothing was changed; check_base=False forces it")
+                raise ValueError(f"{source}: layer {name} does not hold the weight the adapter was made from: ||U_p0^T "
+                                 f"W_0 V_p0 - diag(S_p0)||_F / ||S_p0|| = {error:.3g}, above {BASE_TOLERANCE}. The "
+                                 "right base? Nothing was changed; check_base=False loads it all the same")
     return layers
 
 def load_adapter(model, state, factor_dtype=None, check_base=True, source="the adapter state"):
-    """Put an adapter_state_dict onto the original base model; return the layers' names. Each layer W_0 becomes SORSA
-    with W_r = W_0 - W_p,0 and the trained factors, weight W_0 + (W_p,t - W_p,0): no SVD. check_base refuses
-    another base; all is checked first. A file: load_adapter(base, torch.load(path))."""
+    """Put an adapter_state_dict (torch.load a file) onto the original base, each layer W_0 as SORSA with W_r = W_0 -
+    W_p,0 and the trained factors: no SVD. check_base refuses another base; all is checked before a change."""
     if not isinstance(state, dict):
-        raise TypeError(f"state must be an adapter dict (a file: torch.load it first), got {_describe(state)}")
+        raise TypeError(f"state must be an adapter dict (a file: torch.load it first), got {type(state).__name__}")
     model = _check_plain_module(model, "load_adapter")
     _check_split_arguments(None, factor_dtype)
     layers = _adapter_layers(model, state, source, check_base)
 
-    def build(name):
+    def build(name):  # one layer at a time, as _convert asks
         base = model.get_submodule(name)
         W_0 = _base_weight(base)
         p = {k: v.to(W_0.device, factor_dtype or _wide_dtype(W_0.dtype)) for k, v in layers[name].items()}
-        W_r = _add_W_p(W_0, p["U_p0"], p["S_p0"], p["Vt_p0"], alpha=-1)  # Eq. 2, saved factors
+        W_r = _add_W_p(W_0, p["U_p0"], p["S_p0"], p["Vt_p0"], alpha=-1)  # Eq. 2 with the saved initial factors
         layer = SORSALinear(p["U_p0"], p["S_p0"], p["Vt_p0"], W_r, base.bias, type(base))
-        layer.load_state_dict({key: p[key] for key in ("U_p", "S_p", "Vt_p")}, strict=False)  # trained factors
+        layer.load_state_dict({key: p[key] for key in ("U_p", "S_p", "Vt_p")}, strict=False)  # the trained ones
         return layer
     return _convert(model, list(layers), build)
 
-# ------------------------------------------------------------------------ analysis (Section 4)
-
+# ---------------------------------------------------------------------------------- analysis (Section 4)
 def _svd64(W_0, W_t):
     """SVDs of two same-shape weights in float64 on the CPU, as the paper advises (App. B.1)."""
     if not all(torch.is_tensor(W) and W.dim() == 2 for W in (W_0, W_t)) or W_0.shape != W_t.shape:
-        raise ValueError(f"delta_sigma/delta_d need two 2-D weights of one shape, got "
-                         f"{tuple(getattr(W_0, 'shape', ()))} and {tuple(getattr(W_t, 'shape', ()))}")
+        raise ValueError(f"delta_sigma/delta_d need two 2-D weights of one shape, got {getattr(W_0, 'shape', W_0)} "
+                         f"and {getattr(W_t, 'shape', W_t)}")
     return [torch.linalg.svd(W.detach().to("cpu", torch.float64), full_matrices=False) for W in (W_0, W_t)]
 
 def delta_sigma(W_0, W_t):
@@ -487,8 +443,7 @@ def delta_sigma(W_0, W_t):
     return (S_t - S_0).abs().mean().item()
 
 def delta_d(W_0, W_t):
-    """Eqs. 8-10: 1 - mean |cosine| between matching singular vectors: (m, n), (m, n) -> [0, 1]. They match by rank
-    order (meaningful where singular values are distinct); |.| removes the SVD's sign."""
+    """Eqs. 8-10: 1 - mean |cosine| of singular vectors matched by rank order (|.|: the SVD's sign): -> [0, 1]."""
     (U_0, _, Vt_0), (U_t, _, Vt_t) = _svd64(W_0, W_t)
     dU = (U_t * U_0).sum(dim=0).abs()  # (k,) Eq. 8: |<u_t^i, u_0^i>|
     dV = (Vt_t * Vt_0).sum(dim=1).abs()  # (k,) Eq. 9: |<v_t^i, v_0^i>|

@@ -619,3 +619,21 @@ def test_trainable_parameters_of_table_1_from_meta_shapes(model_name, rank, mill
     assert len(apply_sorsa(model, rank)) == blocks * len(shapes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert round(trainable / 1e6) == millions
+
+
+def test_sorsa_alone_adapts_plain_linear_layers_and_names_the_subclasses_it_leaves_to_the_companion():
+    """sorsa.apply_sorsa's default adapts exactly nn.Linear (and Conv1D-style) layers: a subclass, whatever its
+    forward, is left out and named (the companion probes it); named, it is refused before anything changes."""
+    torch.manual_seed(0)
+    model = SubclassModel().double()
+    with pytest.warns(UserWarning) as record:
+        assert sorsa.apply_sorsa(model, 3) == ["up"]
+    message = str(record[0].message)
+    for name, kind in (("q", "PlainLinearSubclass"), ("own", "SubclassWithOwnInit"),
+                       ("attn.out_proj", "NonDynamicallyQuantizableLinear"), ("router", "RouterLike")):
+        assert f"{name} ({kind}, an nn.Linear subclass (sorsa_integrations probes those))" in message
+    fresh = SubclassModel().double()
+    snap = snapshot(fresh)
+    with pytest.raises(TypeError, match="q matches the targets but is PlainLinearSubclass, an nn.Linear subclass"):
+        sorsa.apply_sorsa(fresh, 3, ["q", "up"])
+    assert_unchanged(fresh, snap)

@@ -1066,7 +1066,7 @@ def test_layers_are_converted_one_at_a_time_and_an_interruption_leaves_each_whol
     (lambda m: sorsa_loss(m, torch.tensor(1.0), 0.1, 1e-3), "train_loss must be the task loss"),
     (lambda m: sorsa_loss(torch.ones(3), m, 0.1, 1e-3), "train_loss must be the task loss"),
     (lambda m: sorsa_loss(torch.tensor(1.0), torch.ones(2), 0.1, 1e-3), "model must be an nn.Module"),
-    (lambda m: sorsa_loss(torch.tensor(1.0), m, "0.1", 1e-3), "gamma must be a number"),
+    (lambda m: sorsa_loss(torch.tensor(1.0), m, "0.1", 1e-3), "gamma and lr_max must be numbers"),
     (lambda m: orthonormal_regularizer(torch.ones(2, 2)), "model_or_modules must be an nn.Module"),
     (lambda m: apply_sorsa(torch.ones(2, 2), 2), "apply_sorsa needs an nn.Module"),
     (lambda m: apply_sorsa(toy_model(), 2, factor_dtype="float32"), "factor_dtype must be"),
@@ -1144,7 +1144,7 @@ def test_bad_adapter_states_raise_a_clear_error_and_change_nothing():
     state = adapter_state_dict(model)
     cases = [
         (toy_model(d=10), state, ValueError, "but the layer is 10x10 \\(out x in\\), which at rank 3 needs"),
-        (toy_model(blocks=1), state, ValueError, "layer '1.q_proj' has .* but the layer is not in this model"),
+        (toy_model(blocks=1), state, ValueError, "layer '1.q_proj' has .* but the layer is absent"),
         (toy_model(), {**state, "0.q_proj.extra": state["0.q_proj.U_p"]}, ValueError, "'Vt_p0': \\(3, 12\\), 'extra': "),
         (toy_model(), {k: v for k, v in state.items() if not k.endswith("S_p0")}, ValueError,
          "has \\{'U_p': \\(12, 3\\), 'S_p': \\(3,\\), 'Vt_p': \\(3, 12\\), 'U_p0': \\(12, 3\\), 'Vt_p0': \\(3, 12\\)\\}"),
@@ -1219,3 +1219,24 @@ def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch, 
     regs = [float(re.search(r"L_reg ([0-9.e+-]+)", line).group(1)) for line in printed[:-1]]
     assert len(losses) == 5 and losses[-1] < losses[0] and max(regs) < 1e-2 and regs[-1] < 1e-4
     assert float(printed[-1].rsplit(" ", 1)[1]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- the file a learner copies
+
+
+def test_sorsa_py_needs_only_torch_and_reads_top_to_bottom():
+    """sorsa.py imports only torch and the standard library (never its companion), and each of its functions
+    and classes uses only the module-level names defined above it: read top to bottom, nothing is met
+    before it is defined."""
+    import ast
+    import sys
+    tree = ast.parse(pathlib.Path(sorsa.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom)}
+    assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
+    defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    for i, node in enumerate(node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))):
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & set(defined)
+        later = used - set(defined[:i]) - {node.name}  # a class may name itself (cls, classmethods)
+        assert not later, f"{node.name} uses {sorted(later)}, defined below it"
