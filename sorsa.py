@@ -75,7 +75,7 @@ def _add_W_p(W, U_p, S_p, Vt_p, alpha):
     """W + alpha U_p diag(S_p) Vt_p (m, n), computed wide and cast once: alpha -1 gives W_r (Eq. 2), +1 the merge."""
     wide = _wide_dtype(W.dtype, U_p.dtype)
     out = W.detach().to(wide, memory_format=torch.contiguous_format, copy=True)  # (m, n)
-    with _ieee_matmuls():
+    with torch.no_grad(), _ieee_matmuls():
         out.addmm_(U_p.to(wide) * S_p.to(wide), Vt_p.to(wide), alpha=alpha)  # S_p scales columns
     return out.to(W.dtype)
 
@@ -94,13 +94,13 @@ def _top_triplets(weight, rank, niter):
     gen = torch.Generator(device=W.device).manual_seed(0)  # seeded: one weight always gives one split
     Q = torch.linalg.qr(W @ torch.randn(W.shape[1], sketch, generator=gen, device=W.device, dtype=W.dtype)).Q
     for _ in range(niter):  # each sharpens a decaying spectrum; QR keeps the basis conditioned
-        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l)
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l), l = sketch
     U_small, S, Vt = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (l, l), (l,), (l, n)
     return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
 
 def svd_split(weight, rank, niter=None, factor_dtype=None):
-    """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n) and W_r (m, n) (Eqs. 1-2); niter: randomized SVD.
-    Factors in factor_dtype (default float32, float64 for float64), W_r in W_0's dtype: W_r + W_p = W_0 exactly."""
+    """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n), W_r (m, n) (Eqs. 1-2); niter: randomized SVD. Factors
+    in factor_dtype (default float32, or float64), W_r in W_0's dtype: W_r + W_p = W_0 to a rounding."""
     _check_weight(weight)
     _check_rank(rank, *weight.shape)
     _check_split_arguments(niter, factor_dtype)
@@ -196,7 +196,7 @@ def _require_adapters(model, argument="model", finite_for=None):
     found = sorsa_modules(model, argument)
     if not found:
         raise ValueError("the model has no SORSA adapters; call apply_sorsa(model, rank) first")
-    bad = [f"layer {name}: {key}" for name, mod in found if finite_for for key in ("U_p", "S_p", "Vt_p")
+    bad = [f"layer {name}: {key}" for name, mod in (found if finite_for else ()) for key in ("U_p", "S_p", "Vt_p")
            if not _whole(getattr(mod, key)).isfinite().all()]
     if bad:
         raise ValueError(f"{bad[0]} contains NaN or Inf (training diverged); {finite_for}. "
@@ -220,10 +220,10 @@ class _Gram(torch.autograd.Function):
             return factors @ (grad + grad.mT)  # (L, k, r)
 
 def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
-    """L_reg: Eq. 4 over the layers, "sum" as Eq. 5 writes it, or its "mean" over the 2 L factor matrices as the
+    """L_reg: Eq. 4 added up over the layers ("sum", as Eqs. 5-6 apply it), or its "mean" over the 2 L factors as the
     authors' code does (their gamma is on it: docs/gamma.md). squared: squared norms, whose gradient vanishes at I."""
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' (the authors' code) or 'sum' (Eq. 5), got {reduction!r}")
+        raise ValueError(f"reduction must be 'mean' (the authors' code) or 'sum' (over layers), got {reduction!r}")
     found = _require_adapters(model_or_modules, "model_or_modules")
     stacks = {}  # written per layer, computed per shape: every U_p (m, r) and Vt_p^T (n, r)
     for _, mod in found:
@@ -246,8 +246,8 @@ def _check_gamma(model, gamma, lr_max):
         raise ValueError(f"gamma must be >= 0 and lr_max the peak learning rate (> 0), got {gamma}, {lr_max}")
 
 def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"):
-    """L_train + (gamma / lr_max) L_reg: a step of size eta_t is Eq. 6 with gamma_t = gamma eta_t / lr_max (exact for
-    SGD). A clip after it clips both terms; the authors clip the task's alone, as add_regularizer_grad does."""
+    """L_train + (gamma / lr_max) L_reg: a step of size eta_t is Eq. 5 with gamma_t = gamma eta_t / lr_max, Eq. 6 (exact
+    for SGD). A clip after it clips both terms; the authors clip the task's alone, as add_regularizer_grad does."""
     if not isinstance(train_loss, torch.Tensor) or train_loss.numel() != 1:
         raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {type(train_loss).__name__}; "
                         "the order is sorsa_loss(train_loss, model, gamma, lr_max)")
@@ -268,14 +268,14 @@ def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
 def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
     """App. B: linear warm-up over 3% of the steps, cosine decay to 0; its peak, the optimizer's lr, is lr_max."""
     warmup = max(1, round(warmup_ratio * total_steps))
-    def factor(step):  # multiplies the optimizer's lr at `step`
+    def multiplier(step):  # of the optimizer's lr at `step`
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 # ---------------------------------------------------------------------------------- a model: apply and merge
-def _check_plain_module(model, verb):
+def _model_to_convert(model, verb):
     """The model to convert, seen through torch.compile: not yet adapted, not yet DDP-wrapped."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{verb} needs an nn.Module as its model, got {type(model).__name__}")
@@ -357,7 +357,7 @@ def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None)
     """Replace linear layers by SORSA layers in place, freeze the rest; return their names. target_modules: names
     (["q_proj", "v_proj"], matching name ends), or None: every nn.Linear and Conv1D-style layer but the output
     head (lm_head, get_output_embeddings()) and tied weights. Everything is checked before a layer changes."""
-    model = _check_plain_module(model, "apply_sorsa")
+    model = _model_to_convert(model, "apply_sorsa")
     _check_rank(rank)
     _check_split_arguments(niter, factor_dtype)
     names = _select_targets(model, rank, _target_patterns(target_modules))
@@ -394,10 +394,10 @@ def _adapter_layers(model, state, source, check_base):
         has = {k: tuple(getattr(v, "shape", ())) for k, v in parts.items()}
         bad = [k for k, v in parts.items() if not (torch.is_tensor(v) and v.is_floating_point() and v.isfinite().all())]
         if W_0 is None or has != needs or not 1 <= r <= min(m, n) or bad:
-            layer = (f"is {m}x{n} (out x in), which at rank {r} needs {needs}" if W_0 is not None else "is absent"
-                     if name not in modules else f"is {type(modules[name]).__name__}, not nn.Linear or Conv1D-style")
-            has = f"{has} ({', '.join(bad)} not finite floats)" if bad else has
-            raise ValueError(f"{source}: layer {name!r} has {has}, but the layer {layer}; is it the right base model? "
+            why = ("is absent" if name not in modules else f"is {type(modules[name]).__name__}, not nn.Linear or "
+                   "Conv1D-style" if W_0 is None else f"is {m}x{n} (out x in), which at rank {r} needs {needs}")
+            got = f"{has} ({', '.join(bad)} not finite floats)" if bad else has
+            raise ValueError(f"{source}: layer {name!r} has {got}, but the layer {why}; is it the right base model? "
                              "Nothing was changed")
         if check_base and not W_0.is_meta:  # the initial factors are W_0's top-r triplets: U_p0^T W_0 V_p0 = S_p0
             wide = _wide_dtype(W_0.dtype, parts["U_p0"].dtype)
@@ -415,7 +415,7 @@ def load_adapter(model, state, factor_dtype=None, check_base=True, source="the a
     W_p,0 and the trained factors: no SVD. check_base refuses another base; all is checked before a change."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be an adapter dict (a file: torch.load it first), got {type(state).__name__}")
-    model = _check_plain_module(model, "load_adapter")
+    model = _model_to_convert(model, "load_adapter")
     _check_split_arguments(None, factor_dtype)
     layers = _adapter_layers(model, state, source, check_base)
 

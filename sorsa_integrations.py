@@ -104,7 +104,7 @@ def _rank_0_writes(write, path):
 
 def _check_base_model(model, verb):
     """sorsa's checks of the model to convert, and no other adapter method's (PEFT) inside it."""
-    model = sorsa._check_plain_module(model, verb)
+    model = sorsa._model_to_convert(model, verb)
     peft = sorted({type(mod).__name__ for mod in model.modules() if type(mod).__module__.split(".")[0] == "peft"})
     if peft:  # found by module path, without importing peft
         raise TypeError(f"{verb} needs the base model, but this one holds PEFT's {', '.join(peft)} (another "

@@ -139,8 +139,10 @@ def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, 
         assert report["W_r_local_fraction"] == pytest.approx(shares) and set(report["W_r_dtypes"]) == {str(getattr(torch, dtype))}
         widths = [mod.in_features for _, mod in sorsa.sorsa_modules(single)]
         assert report["Vt_p_placements"] == ["S(1)" if n % nproc == 0 else "S(0)" for n in widths]
-        # The sharded factors' Gram matrices are summed (all-reduce); only a Vt_p held by rows is gathered.
-        assert "all_reduce" in names
+        # The Gram matrices of factors sharded by rows are summed, one all-reduce per factor shape (factors
+        # stacked with their like placements); only a Vt_p held by rows is gathered.
+        shapes = {tuple(f.shape) for _, mod in sorsa.sorsa_modules(single) for f in (mod.U_p, mod.Vt_p.mT)}
+        assert names.count("all_reduce") == len(shapes)
         assert ("all_gather_into_tensor" in names) == any(n % nproc for n in widths)
     else:
         assert names == []  # DDP: every rank holds whole factors
