@@ -29,6 +29,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -358,8 +359,9 @@ SETTINGS = {"bf16": (torch.bfloat16, False), "fp32_autocast": (torch.float32, Tr
 def llama_run(device, config, rank, ids, setting, method, blocks=3):
     """Adapt a Llama model with random weights (method: sorsa, peft_pissa or peft_lora, all on
     the 7 projections at one rank) and time AdamW training steps at lr 3e-5. Prints and returns
-    (seconds per step, peak GiB, seconds to adapt, peak growth while adapting / adapted weights);
-    memory on CUDA only (nan on the CPU)."""
+    (seconds per step, peak GiB, seconds to adapt, peak growth while adapting / adapted weights, the
+    regularizer's share of a step: add_regularizer_grad alone, its gradient included, over a whole step,
+    timed in the same rounds; SORSA only); memory on CUDA only (nan on the CPU)."""
     import transformers
     dtype, amp = SETTINGS[setting]
     cuda = device.type == "cuda"
@@ -400,19 +402,27 @@ def llama_run(device, config, rank, ids, setting, method, blocks=3):
         if cuda:
             torch.cuda.synchronize()
 
+    def regularizer():  # what the step spends on Eq. 4, forward and backward
+        sorsa.add_regularizer_grad(model, gamma=6.25e-6, lr_max=3e-5)
+        if cuda:
+            torch.cuda.synchronize()
+
     step()  # warm up: optimizer state, kernels
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_s = interleaved_times({"step": step}, blocks=blocks, min_block_s=0.5)["step"]
+    timed = {"step": step, **({"regularizer": regularizer} if method == "sorsa" else {})}
+    times = interleaved_times(timed, blocks=blocks, min_block_s=0.5)
+    step_s, reg_share = times["step"], times.get("regularizer", math.nan) / times["step"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     memory = (f"peak {peak:6.2f} GiB, adapting {adapt_s:6.1f} s with peak growth {growth:.3f}x the adapted "
               f"weights" if cuda else f"adapting {adapt_s:5.2f} s (memory: on CUDA only)")
-    print(f"   {setting:>13} {method:>10}: step {step_s * 1e3:8.1f} ms, {memory}")
+    share = f", regularizer {reg_share:.1%} of it" if method == "sorsa" else ""
+    print(f"   {setting:>13} {method:>10}: step {step_s * 1e3:8.1f} ms{share}, {memory}")
     del model, opt
     torch.backends.cuda.matmul.allow_tf32 = False
     if cuda:
         torch.cuda.empty_cache()
-    return step_s, peak, adapt_s, growth
+    return step_s, peak, adapt_s, growth, reg_share
 
 
 def llama_section(device, quick):
@@ -441,12 +451,13 @@ def llama_section(device, quick):
     summary = {}
     for setting in SETTINGS:
         if len(methods) == 2:
-            (s_step, s_peak, _, _), (p_step, p_peak, _, _) = results[setting, "sorsa"], results[setting, "peft_pissa"]
+            (s_step, s_peak, *_), (p_step, p_peak, *_) = results[setting, "sorsa"], results[setting, "peft_pissa"]
             summary[f"llama_step_sorsa_over_peft_pissa_{setting}"] = round(s_step / p_step, 3)
             if device.type == "cuda":
                 summary[f"llama_peak_sorsa_over_peft_pissa_{setting}"] = round(s_peak / p_peak, 3)
         if device.type == "cuda":
             summary[f"llama_apply_growth_over_weights_{setting}"] = round(results[setting, "sorsa"][3], 3)
+        summary[f"llama_reg_share_{setting}"] = round(results[setting, "sorsa"][4], 4)  # fp32_autocast: under TF32
     summary["llama_shape"] = "7B" if full else "reduced"
     return summary
 
@@ -642,6 +653,8 @@ def main(argv=None):
     parser.add_argument("--distributed", action="store_true",
                         help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
     parser.add_argument("--peft", action="store_true", help="section 8 alone: SORSA against PEFT (needs transformers, peft)")
+    parser.add_argument("--llama", action="store_true",
+                        help="section 6 alone: a Llama-shaped model against PEFT's PiSSA (needs transformers, peft)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU")
@@ -659,6 +672,11 @@ def main(argv=None):
             summary = peft_section(device, args.quick)
         except ImportError as e:
             sys.exit(f"bench.py --peft needs transformers and peft beside the project ({e}): pip install transformers peft")
+        print(f"\ntotal {time.time() - start:.0f} s")
+        print(json.dumps({**summary, "device": name, "quick": args.quick}))
+        return
+    if args.llama:
+        summary = llama_section(device, args.quick)
         print(f"\ntotal {time.time() - start:.0f} s")
         print(json.dumps({**summary, "device": name, "quick": args.quick}))
         return

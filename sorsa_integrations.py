@@ -126,8 +126,9 @@ def _computes_linear(layer):
             y, expected = layer(x.to(W.dtype)), F.linear(x.to(W.dtype), W, layer.bias)
     except Exception:  # a weight F.linear cannot use (float8, int8) or a forward that wants more
         return False
+    scale = expected.float().abs().max().item()
     return (isinstance(y, torch.Tensor) and y.shape == expected.shape and
-            torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * expected.float().abs().max().item() + 1e-30))
+            torch.allclose(y.float(), expected.float(), rtol=0, atol=1e-2 * scale + 1e-30))
 
 
 def _unfit_reason(model, name, layer):
@@ -171,10 +172,10 @@ def _select_targets(model, rank, targets, full):
     that trains in full, or a head with fewer outputs than the rank. A model partly on the meta device
     is refused; one wholly on it is adapted for its shapes."""
     _check_targets_match(model, targets)
-    for name, _ in model.named_modules():
-        inside = [f for f in full if name == f or name.startswith(f + ".")]
-        if targets and inside and name and any(sorsa._matches(name, t) for t in targets):
-            raise ValueError(f"{name} matches the targets but is in {inside[0]}, which trains in full; "
+    owner = {name: f for name, _ in model.named_modules() for f in full if name == f or name.startswith(f + ".")}
+    for name in owner:  # the module trained in full that holds each layer inside one
+        if targets and any(sorsa._matches(name, t) for t in targets):
+            raise ValueError(f"{name} matches the targets but is in {owner[name]}, which trains in full; "
                              "exclude it from target_modules")
 
     def unfit(name, layer):
@@ -183,12 +184,12 @@ def _select_targets(model, rank, targets, full):
         return _unfit_reason(model, name, layer) or (f"rank {rank} is above its {m} outputs: a new classification "
                                                      "head trains in full with modules_to_save" if narrow else None)
 
-    inside_full = {name for name, _ in model.named_modules() if any(name == f or name.startswith(f + ".") for f in full)}
-    names = sorsa._select_targets(model, rank, targets, unfit, skip=inside_full if not targets else ())
+    names = sorsa._select_targets(model, rank, targets, unfit, skip=owner)  # by default, what trains in full: silently
     meta = [name for name in names if sorsa._base_weight(model.get_submodule(name)).is_meta]
     if meta and not all(p.is_meta for p in model.parameters()):
+        listed = ", ".join(meta[:8]) + (", ..." if len(meta) > 8 else "")
         raise ValueError(f"{len(meta)} of the {len(names)} layers to adapt have their weights on the meta "
-                         f"device (offloaded, or never loaded): {', '.join(meta[:8])}{', ...' if len(meta) > 8 else ''}. "
+                         f"device (offloaded, or never loaded): {listed}. "
                          "Their SVD needs the values: load the model fully first (no disk offload). Nothing was "
                          "changed. A model wholly on meta is adapted for its shapes only")
     return names
@@ -264,7 +265,8 @@ def load_adapter(model, state, factor_dtype=None, check_base=True):
         try:
             own = model.get_submodule(name).state_dict()
         except AttributeError:
-            raise ValueError(f"{source} has module {name}, which this model lacks; is it the right base model?") from None
+            raise ValueError(f"{source} has module {name}, which this model lacks; "
+                             "is it the right base model?") from None
         if own.keys() != parts.keys() or any(own[k].shape != parts[k].shape for k in own):
             raise ValueError(f"{source}: module {name}, trained in full, has keys and shapes "
                              f"{ {k: tuple(v.shape) for k, v in parts.items()} } but this model's is "

@@ -59,6 +59,26 @@ def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
     assert rows["reloaded"][1] < 0.1 and rows["merged"][1] < 0.1  # bf16 logits of size ~10: a few eps_bf16
 
 
+def test_the_demo_in_one_process_needs_only_sorsa_py():
+    """A learner copies sorsa.py and train_tiny.py: at module level the demo imports no other file of
+    this project, and its one import of the companion sits in the FSDP2 path alone, after the return of
+    every other case."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(train_tiny))
+    top = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    root = os.path.dirname(train_tiny.__file__)
+    ours = {name for name in top if any(os.path.exists(os.path.join(root, name.split(".")[0] + suffix))
+                                        for suffix in (".py", "/__init__.py"))}
+    assert ours == {"sorsa"}
+    nested = [(fn.name, node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) for node in ast.walk(fn)
+              if isinstance(node, ast.Import) and any(a.name == "sorsa_integrations" for a in node.names)]
+    assert [name for name, _ in nested] == ["distribute"]
+    source = inspect.getsource(train_tiny.distribute)
+    assert source.index("if not runtime.fsdp:") < source.index("import sorsa_integrations")
+
+
 def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path, capsys):
     cfg = tiny_config(tmp_path, pretrain_steps=20)
     first, path = train_tiny.base_model(cfg, 0, CPU, lambda *a: None)
