@@ -646,7 +646,7 @@ def peft_section(device, quick):
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None):
+def argument_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer cases, under a minute")
@@ -655,6 +655,11 @@ def main(argv=None):
     parser.add_argument("--peft", action="store_true", help="section 8 alone: SORSA against PEFT (needs transformers, peft)")
     parser.add_argument("--llama", action="store_true",
                         help="section 6 alone: a Llama-shaped model against PEFT's PiSSA (needs transformers, peft)")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU")

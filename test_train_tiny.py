@@ -59,6 +59,13 @@ def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
     assert rows["reloaded"][1] < 0.1 and rows["merged"][1] < 0.1  # bf16 logits of size ~10: a few eps_bf16
 
 
+def test_the_comparison_writes_under_its_own_directory_never_into_the_demos_log():
+    """The demo truncates runs/tiny/log.jsonl at its start; the comparison's curves and sweep go elsewhere."""
+    cfg = comparison.parse_args(["--lrs", "1e-3"])
+    assert cfg.out == "runs/comparison" and train_tiny.parse_args([]).out == "runs/tiny"
+    assert comparison.parse_args(["--lrs", "1e-3", "--out", "elsewhere"]).out == "elsewhere"
+
+
 def test_the_demo_in_one_process_needs_only_sorsa_py():
     """A learner copies sorsa.py and train_tiny.py: at module level the demo imports no other file of
     this project, and its one import of the companion sits in the FSDP2 path alone, after the return of
@@ -77,6 +84,42 @@ def test_the_demo_in_one_process_needs_only_sorsa_py():
     assert [name for name, _ in nested] == ["distribute"]
     source = inspect.getsource(train_tiny.distribute)
     assert source.index("if not runtime.fsdp:") < source.index("import sorsa_integrations")
+
+
+def test_under_fp16_and_a_grad_scaler_the_regularizers_gradient_reaches_the_optimizer_unscaled():
+    """The T4 path (fp16 autocast, GradScaler; here the CPU's): train_step unscales the task gradient before
+    the clip and adds (gamma / lr) grad L_reg after, so what the optimizer steps with differs between gamma
+    and gamma = 0 by exactly that gradient, not by it divided by the scale (65,536): float32 tolerance."""
+    runtime = Runtime(torch.device("cpu"), amp=True, amp_dtype=torch.float16)
+    torch.manual_seed(0)
+    base = train_tiny.TinyGPT(GPTConfig(n_layer=1, n_head=2, d_model=16))
+    problems = next(train_tiny.training_batches(0, Config(batch_size=8), set()))
+    gamma, lr, seen = 0.05, 1e-3, {}
+    for g in (gamma, 0.0):
+        model = copy.deepcopy(base)
+        sorsa.apply_sorsa(model, 2, train_tiny.BLOCK_LINEARS)
+        with torch.no_grad():  # off orthonormality, where Eq. 4 has a gradient
+            for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
+                mod.U_p.add_(0.1 * torch.randn(mod.U_p.shape, generator=torch.Generator().manual_seed(i)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, scaler = torch.optim.SGD(params, lr=lr), runtime.grad_scaler()
+        assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 2.0 ** 16
+        opt.step = lambda *a, **k: seen.setdefault(g, [p.grad.clone() for p in params])
+        train_tiny.train_step(model, opt, params, problems, g, lr, runtime, scaler=scaler)
+        if g:
+            reg = torch.autograd.grad((g / lr) * sorsa.orthonormal_regularizer(model), params, allow_unused=True,
+                                      materialize_grads=True)
+    for with_reg, without, r in zip(seen[gamma], seen[0.0], reg):
+        assert torch.allclose(with_reg - without, r, rtol=1e-5, atol=1e-6 * (1 + r.abs().max().item()))
+    assert max(r.abs().max().item() for r in reg) > 1e-2  # large enough to tell from its 65,536th part
+
+
+def test_the_demo_says_which_autocast_dtype_it_chose():
+    cpu_fp16 = train_tiny.start_runtime(Config(device="cpu", autocast="fp16"))
+    assert (cpu_fp16.amp, cpu_fp16.amp_dtype) == (True, torch.float16)
+    assert "autocast float16" in train_tiny.describe(Config(), cpu_fp16)
+    assert "autocast off" in train_tiny.describe(Config(), train_tiny.start_runtime(Config(device="cpu")))
+    assert train_tiny.start_runtime(Config(device="cpu", autocast="on")).amp_dtype == torch.bfloat16
 
 
 def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path, capsys):

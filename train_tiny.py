@@ -6,7 +6,8 @@ The base model learns sums, differences and products ("12+7=19") and plain sente
 never saw, is word problems answered with that arithmetic ("ann has 12 pens and gets 7
 more. how many? 12+7=19"), scored like GSM-8K: exact match of the greedy answer on a
 held-out test set. Loss is on the answer only; the recipe is the paper's (AdamW, no weight
-decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA).
+decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA, fp16 with a
+GradScaler on GPUs without bf16).
 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
@@ -234,7 +235,7 @@ class Config:
     pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    autocast: str = "auto"  # bf16 autocast: auto (on CUDA only), on, off
+    autocast: str = "auto"  # auto: on CUDA only, bf16 (fp16 + GradScaler where the GPU has no bf16); on (bf16), fp16, off
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP
     out: str = "runs/tiny"  # log, plot, adapter
     cache: str = "runs/cache"  # pretrained base models, keyed by their configuration
@@ -262,12 +263,13 @@ METHODS = ("sorsa", "sorsa_g0", "pissa", "lora", "full", "sorsa_sq")
 
 @dataclass
 class Runtime:
-    """Where a run computes: device, bf16 autocast, and its place among torchrun's processes."""
+    """Where a run computes: device, autocast (amp, in amp_dtype), and its place among torchrun's processes."""
     device: torch.device
     amp: bool = False
     rank: int = 0
     world: int = 1
     fsdp: bool = False
+    amp_dtype: torch.dtype = torch.bfloat16  # float16 on GPUs without bf16 (T4, V100): trained with a GradScaler
 
     @property
     def main(self):
@@ -279,7 +281,28 @@ class Runtime:
             print(*args, **kwargs)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def grad_scaler(self):
+        """A new GradScaler under fp16 autocast (its range flushes small gradients to 0), else None."""
+        return torch.amp.GradScaler(self.device.type) if self.amp and self.amp_dtype == torch.float16 else None
+
+
+def backward_clipped(loss, opt, params, scaler):
+    """loss's gradient in the params' .grad, unscaled (fp16) and clipped to norm 1.0."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(opt)  # before the clip and before anything else is added to .grad
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+
+
+def optimizer_step(opt, scaler):
+    """opt.step(); under fp16, the scaler's (skipped where the scaled gradient overflowed) and its update."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
 
 
 # ----------------------------------------------------------------------------- base model, cached
@@ -313,13 +336,12 @@ def pretrain(cfg, base_seed, runtime, progress):
     torch.manual_seed(base_seed)
     model = TinyGPT(cfg.model).to(runtime.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    schedule = sorsa.cosine_schedule(opt, cfg.pretrain_steps)
+    schedule, scaler = sorsa.cosine_schedule(opt, cfg.pretrain_steps), runtime.grad_scaler()
     for step, chunk in enumerate(pretraining_batches(cfg, base_seed)):
         loss = lm_loss(model, chunk.to(runtime.device), runtime)
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        backward_clipped(loss, opt, list(model.parameters()), scaler)
+        optimizer_step(opt, scaler)
         schedule.step()
         progress("pretrain", step + 1, cfg.pretrain_steps, loss.item())
     return model, loss.item()
@@ -329,7 +351,7 @@ def base_model(cfg, base_seed, runtime, progress):
     """The base model pretrained with base_seed, from the cache, or pretrained now and cached
     atomically with a checksum. Under torchrun rank 0 pretrains while the others wait."""
     key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
-                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp, "base_seed": base_seed,
+                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp and str(runtime.amp_dtype), "base_seed": base_seed,
                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if runtime.main or runtime.world == 1:
@@ -355,6 +377,8 @@ def save_cache(content, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(hashlib.sha256(buffer.getvalue()).digest() + buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
     os.replace(tmp, path)
 
 
@@ -567,21 +591,23 @@ def forgetting(model, data, runtime):
     return loss - data.base_skills[0], arithmetic - data.base_skills[1]
 
 
-def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False):
+def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False, scaler=None):
     """One step of the paper's recipe on a global batch of problems, in the authors' order: the
     answer loss's backward, its gradient clipped to norm 1.0, then (gamma / lr_max) grad L_reg
-    added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under torchrun each rank
+    added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under fp16 autocast
+    (scaler: a GradScaler) the task gradient is unscaled before the clip and the regularizer's is
+    added after: added to the scaled gradient it would be divided by the scale (65,536 at first)
+    and vanish. Under torchrun each rank
     takes every world-th problem and divides its summed loss by the global batch's token count
     times world, so that DDP's mean of the gradients is the single-process gradient. Returns the
     global batch's answer loss."""
     local = problems[runtime.rank::runtime.world]
     loss = answer_loss(model, problem_batch(local, runtime.device), runtime, answer_tokens(problems) / runtime.world)
     opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    backward_clipped(loss, opt, params, scaler)
     if gamma > 0:
         sorsa.add_regularizer_grad(model, gamma, lr_max, squared)
-    opt.step()
+    optimizer_step(opt, scaler)
     loss = loss.detach()
     if runtime.world > 1:
         dist.all_reduce(loss)
@@ -598,14 +624,14 @@ def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=Tr
     model = distribute(prepare(method, base, cfg), method, runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = sorsa.cosine_schedule(opt, cfg.steps)
+    schedule, scaler = sorsa.cosine_schedule(opt, cfg.steps), runtime.grad_scaler()
     gamma = cfg.gamma(method, lr)
     names = target_names(base, cfg.targets.split(","))
     exclude = {p for p, _ in test + val}
     losses, step_time = [], 0.0
     for step, problems in enumerate(training_batches(seed, cfg, exclude)):
         start = time.perf_counter()
-        loss = train_step(model, opt, params, problems, gamma, lr, runtime, squared=method == "sorsa_sq")
+        loss = train_step(model, opt, params, problems, gamma, lr, runtime, method == "sorsa_sq", scaler)
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
@@ -739,8 +765,10 @@ def start_runtime(cfg):
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    amp = cfg.autocast == "on" or (cfg.autocast == "auto" and cuda)
-    return Runtime(device, amp, rank, world, cfg.fsdp and world > 1)
+    amp = cfg.autocast in ("on", "fp16") or (cfg.autocast == "auto" and cuda)
+    no_bf16 = cfg.autocast == "auto" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False)
+    amp_dtype = torch.float16 if cfg.autocast == "fp16" or no_bf16 else torch.bfloat16
+    return Runtime(device, amp, rank, world, cfg.fsdp and world > 1, amp_dtype)
 
 
 def end_distributed():
@@ -757,7 +785,7 @@ def end_distributed():
 def describe(cfg, runtime):
     """One line saying what this run computes, and where."""
     return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, "
-            f"bf16 autocast {runtime.amp}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
+            f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
             f"{cfg.steps} steps, seeds {cfg.seeds}")
 
 
@@ -803,7 +831,9 @@ def argument_parser(defaults, description=__doc__):
     """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
-    parser.add_argument("--autocast", choices=["auto", "on", "off"], help="bf16 autocast; default 'auto': on CUDA only")
+    parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
+                        help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
+                             "no native bf16 (T4, V100); 'on': bf16")
     gamma_help = ("SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices (the authors' "
                   "scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight its runs had 0.208 (their "
                   "trainer divided it by 64 accumulation steps); ")

@@ -41,6 +41,7 @@ class Comparison(train_tiny.Config):
     refine: bool = False  # then also each method's best lr / sqrt 2 and * sqrt 2
     final_seeds: int = 0  # then each method at its chosen lr on this many new seeds, on every base
     base_seeds: str = "0"  # pretraining seeds of the base models; the first chooses the learning rates
+    out: str = "runs/comparison"  # its own: the demo's runs/tiny/log.jsonl starts anew with each demo run
     FLAGS = tuple(f for f in train_tiny.Config.FLAGS if f != "base_seed")  # base_seeds replaces it
 
     def sweep_lrs(self):
@@ -287,9 +288,8 @@ def run(cfg):
             "lambdas": lambdas}
 
 
-def parse_args(argv=None):
-    """A Comparison from the command line: train_tiny.py's flags and the comparison's."""
-    defaults = Comparison()
+def argument_parser(defaults):
+    """train_tiny.py's flags and the comparison's."""
     parser = train_tiny.argument_parser(defaults, __doc__)
     parser.add_argument("--lrs", required=True, help="every method at each learning rate (SORSA at the listed lr, "
                         "not 1.5x; gamma = gamma_ratio * lr, so the regularizer's weight stays put)")
@@ -298,6 +298,13 @@ def parse_args(argv=None):
     parser.add_argument("--final_seeds", type=int, help="each method at its chosen lr on this many new seeds of "
                         "every base model, compared pairwise with SORSA; default 0")
     parser.add_argument("--base_seeds", help="pretraining seeds of the base models, e.g. 0,1,2; default '0'")
+    return parser
+
+
+def parse_args(argv=None):
+    """A Comparison from the command line."""
+    defaults = Comparison()
+    parser = argument_parser(defaults)
     cfg = train_tiny.config_from(parser, defaults, argv)
     try:
         if not all(lr > 0 for lr in cfg.sweep_lrs()):
