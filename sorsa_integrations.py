@@ -253,7 +253,7 @@ def load_adapter(model, state, factor_dtype=None, check_base=True):
     """sorsa.load_adapter for a dict or a save_adapter file, with the modules trained in full; return the
     layers' names. Everything is checked before the model is touched."""
     if not isinstance(state, (dict, str, os.PathLike)):
-        raise TypeError(f"state must be an adapter dict or a file path, got {sorsa._describe(state)}")
+        raise TypeError(f"state must be an adapter dict or a file path, got {type(state).__name__}")
     model = _check_base_model(model, "load_adapter")
     source, state = ("the adapter state", state) if isinstance(state, dict) else \
         (f"adapter file {state}", load_checked(state)[0])

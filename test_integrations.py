@@ -360,6 +360,20 @@ def test_a_head_that_trains_in_full_travels_with_the_adapter_and_the_peft_export
         assert close_outputs(apply_peft_directory_by_hand(base, tmp_path / "lora")(x), y, torch.float64)
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda m: load_adapter(m, 3), TypeError, "state must be an adapter dict or a file path, got int"),
+    (lambda m: load_adapter("model.pt", {}), TypeError, "load_adapter needs an nn.Module"),
+    (lambda m: apply_sorsa(m, 2, ["v_prj"]), ValueError, "Near names: v_proj"),
+    (lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
+])
+def test_the_companions_verbs_refuse_bad_arguments_naming_them_and_change_nothing(call, error, words):
+    model = toy_model()
+    snap = snapshot(model)
+    with pytest.raises(error, match=re.escape(words)):
+        call(model)
+    assert_unchanged(model, snap)
+
+
 def test_bad_modules_to_save_are_refused_before_anything_changes():
     model = classifier(labels=4)
     snap = snapshot(model)
