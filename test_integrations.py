@@ -23,8 +23,8 @@ import train_tiny
 from sorsa import SORSALinear, merge_sorsa, orthonormal_regularizer, sorsa_loss
 from sorsa_integrations import (adapter_state_dict, apply_sorsa, load_adapter, lora_state_dict, save_adapter,
                                 save_lora)
-from test_sorsa import (Conv1D, adapter_of, assert_unchanged, close_outputs, doc_block, gpt2_like, rand, snapshot,
-                        tied_model, toy_model, train_steps, trained_pair)
+from test_sorsa import (Conv1D, adapter_of, assert_refused_and_unchanged, assert_unchanged, close_outputs, doc_block,
+                        gpt2_like, rand, snapshot, tied_model, toy_model, train_steps, trained_pair)
 
 real_torch_save = torch.save
 
@@ -367,11 +367,7 @@ def test_a_head_that_trains_in_full_travels_with_the_adapter_and_the_peft_export
     (lambda m: apply_sorsa(nn.DataParallel(m), 2), TypeError, "call apply_sorsa on the plain model first"),
 ])
 def test_the_companions_verbs_refuse_bad_arguments_naming_them_and_change_nothing(call, error, words):
-    model = toy_model()
-    snap = snapshot(model)
-    with pytest.raises(error, match=re.escape(words)):
-        call(model)
-    assert_unchanged(model, snap)
+    assert_refused_and_unchanged(toy_model(), call, error, words)
 
 
 def test_bad_modules_to_save_are_refused_before_anything_changes():

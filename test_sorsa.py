@@ -98,6 +98,14 @@ def assert_unchanged(model, snap):
     assert grads == snap[2]
 
 
+def assert_refused_and_unchanged(model, call, error, words):
+    """call(model) raises `error` with `words` in its message, and the model is as it was."""
+    snap = snapshot(model)
+    with pytest.raises(error, match=re.escape(words)):
+        call(model)
+    assert_unchanged(model, snap)
+
+
 class Block(nn.Module):
     """A toy attention-and-MLP block with the usual projection names."""
 
@@ -1131,11 +1139,7 @@ def adapted_model():
     (toy_model, lambda m: load_adapter(nn.DataParallel(m), {}), TypeError, "call load_adapter on the plain model first"),
 ])
 def test_bad_apply_arguments_raise_a_clear_error_and_change_nothing(build, call, error, words):
-    model = build()
-    snap = snapshot(model)
-    with pytest.raises(error, match=re.escape(words)):
-        call(model)
-    assert_unchanged(model, snap)
+    assert_refused_and_unchanged(build(), call, error, words)
 
 
 def test_bad_adapter_states_raise_a_clear_error_and_change_nothing():

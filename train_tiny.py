@@ -351,8 +351,8 @@ def base_model(cfg, base_seed, runtime, progress):
     """The base model pretrained with base_seed, from the cache, or pretrained now and cached
     atomically with a checksum. Under torchrun rank 0 pretrains while the others wait."""
     key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
-                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp and str(runtime.amp_dtype), "base_seed": base_seed,
-                      "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+                      "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp and str(runtime.amp_dtype),
+                      "base_seed": base_seed, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if runtime.main or runtime.world == 1:
         model = cached_base(cfg, key, path, runtime)
@@ -374,9 +374,9 @@ def save_cache(content, path):
     """torch.save's bytes behind their SHA-256, written beside `path` and renamed: whole or absent."""
     buffer = io.BytesIO()
     torch.save(content, buffer)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    data, tmp = buffer.getvalue(), f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        f.write(hashlib.sha256(buffer.getvalue()).digest() + buffer.getvalue())
+        f.write(hashlib.sha256(data).digest() + data)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
     os.replace(tmp, path)
@@ -597,10 +597,9 @@ def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=Fal
     added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under fp16 autocast
     (scaler: a GradScaler) the task gradient is unscaled before the clip and the regularizer's is
     added after: added to the scaled gradient it would be divided by the scale (65,536 at first)
-    and vanish. Under torchrun each rank
-    takes every world-th problem and divides its summed loss by the global batch's token count
-    times world, so that DDP's mean of the gradients is the single-process gradient. Returns the
-    global batch's answer loss."""
+    and vanish. Under torchrun each rank takes every world-th problem and divides its summed loss
+    by the global batch's token count times world, so that DDP's mean of the gradients is the
+    single-process gradient. Returns the global batch's answer loss."""
     local = problems[runtime.rank::runtime.world]
     loss = answer_loss(model, problem_batch(local, runtime.device), runtime, answer_tokens(problems) / runtime.world)
     opt.zero_grad()
@@ -785,7 +784,8 @@ def end_distributed():
 def describe(cfg, runtime):
     """One line saying what this run computes, and where."""
     return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, "
-            f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
+            f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, "
+            f"methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
             f"{cfg.steps} steps, seeds {cfg.seeds}")
 
 
