@@ -285,7 +285,7 @@ def worker(engine, dtype, out):
         report["merged_output"] = wrapped(x).float().tolist()
     if engine == "ddp":  # train_tiny's own step: each rank's share of a global batch, SGD
         rt = train_tiny.Runtime(torch.device("cpu"), rank=rank, world=world)
-        tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), "sorsa", rt)
+        tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), rt)
         tiny_steps(tiny, rt)
         torch.save(sorsa.adapter_state_dict(tiny), os.path.join(out, f"tiny{rank}.pt"))
     if rank == 0:

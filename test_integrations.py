@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 import bench
 import sorsa
 import sorsa_integrations as si
-import train_tiny
 from sorsa import SORSALinear, merge_sorsa, orthonormal_regularizer, sorsa_loss
 from sorsa_integrations import (adapter_state_dict, apply_sorsa, load_adapter, lora_state_dict, save_adapter,
                                 save_lora)
@@ -130,7 +129,7 @@ def test_every_atomic_write_gives_its_file_the_mode_a_plain_open_would(tmp_path,
             pass
         save_adapter(model, tmp_path / "adapter.pt")
         save_lora(model, tmp_path / "lora")
-        train_tiny.save_cache({"w": torch.ones(2)}, tmp_path / "cache.pt")  # train_tiny's cached base models
+        si.save_checked({"w": torch.ones(2)}, tmp_path / "cache.pt")  # train_tiny's cached base models
     finally:
         os.umask(old)
     expected = 0o666 & ~umask

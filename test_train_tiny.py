@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sorsa
+import sorsa_integrations as si
 import train_tiny
 from theory import comparison
 from theory.comparison import Comparison
@@ -66,24 +67,24 @@ def test_the_comparison_writes_under_its_own_directory_never_into_the_demos_log(
     assert comparison.parse_args(["--lrs", "1e-3", "--out", "elsewhere"]).out == "elsewhere"
 
 
-def test_the_demo_in_one_process_needs_only_sorsa_py():
-    """A learner copies sorsa.py and train_tiny.py: at module level the demo imports no other file of
-    this project, and its one import of the companion sits in the FSDP2 path alone, after the return of
-    every other case."""
-    import ast
-    import inspect
-    tree = ast.parse(inspect.getsource(train_tiny))
-    top = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    root = os.path.dirname(train_tiny.__file__)
-    ours = {name for name in top if any(os.path.exists(os.path.join(root, name.split(".")[0] + suffix))
-                                        for suffix in (".py", "/__init__.py"))}
-    assert ours == {"sorsa"}
-    nested = [(fn.name, node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) for node in ast.walk(fn)
-              if isinstance(node, ast.Import) and any(a.name == "sorsa_integrations" for a in node.names)]
-    assert [name for name, _ in nested] == ["distribute"]
-    source = inspect.getsource(train_tiny.distribute)
-    assert source.index("if not runtime.fsdp:") < source.index("import sorsa_integrations")
+def test_every_adapted_layer_merges_into_the_plain_linear_it_computes():
+    """SORSA's, PiSSA's and LoRA's layers all give their effective weight the same way, merge(): a plain
+    frozen nn.Linear with the layer's output (float64, after a step that moved every factor), which the
+    analysis metrics read."""
+    torch.manual_seed(0)
+    base = train_tiny.TinyGPT(GPTConfig(n_layer=1, n_head=2, d_model=16)).double().requires_grad_(False)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    for method in ("sorsa", "pissa", "lora"):
+        model = train_tiny.prepare(method, base, Config(rank=3))
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1 * torch.randn_like(p))
+        layer = model.blocks[0].attn.q_proj
+        merged = layer.merge()
+        assert type(merged) is torch.nn.Linear and not merged.weight.requires_grad
+        torch.testing.assert_close(merged(x), layer(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(merged.weight, base.blocks[0].attn.q_proj.weight), method  # it moved
 
 
 def test_under_fp16_and_a_grad_scaler_the_regularizers_gradient_reaches_the_optimizer_unscaled():
@@ -132,10 +133,10 @@ def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path
     good = open(path, "rb").read()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF  # inside a tensor: torch.load alone would not notice
-    other_config = {**train_tiny.load_cache(path), "key": "another configuration"}
+    state, extra = si.load_checked(path)
     for damage in (good[: len(good) // 2], bytes(flipped), b"not a checkpoint", None):
         if damage is None:
-            train_tiny.save_cache(other_config, path)
+            si.save_checked(state, path, **{**extra, "key": "another configuration"})
         else:
             with open(path, "wb") as f:
                 f.write(damage)
@@ -143,7 +144,7 @@ def test_base_model_is_cached_and_damaged_or_foreign_caches_are_rebuilt(tmp_path
         assert "unusable" in capsys.readouterr().out
         for a, b in zip(first.state_dict().values(), rebuilt.state_dict().values()):
             assert torch.equal(a.cpu(), b.cpu())  # pretraining is deterministic
-        assert open(path, "rb").read() != damage and train_tiny.load_cache(path)["key"] != "another configuration"
+        assert open(path, "rb").read() != damage and si.load_checked(path)[1]["key"] != "another configuration"
 
 
 def test_base_seeds_pretrain_different_base_models_cached_apart(tmp_path):

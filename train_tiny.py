@@ -7,7 +7,8 @@ never saw, is word problems answered with that arithmetic ("ann has 12 pens and 
 more. how many? 12+7=19"), scored like GSM-8K: exact match of the greedy answer on a
 held-out test set. Loss is on the answer only; the recipe is the paper's (AdamW, no weight
 decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA, fp16 with a
-GradScaler on GPUs without bf16).
+GradScaler on GPUs without bf16). Every run also measures forgetting: the rise of the loss on
+held-out pretraining text and the change of arithmetic accuracy, against the base model.
 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
@@ -15,17 +16,18 @@ GradScaler on GPUs without bf16).
     python train_tiny.py --seeds 3        # every method on seeds 0-2: mean +- std
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
-Every run also measures forgetting: the rise of the loss on held-out pretraining text and the
-change of arithmetic accuracy, against the base model. The comparison with each method at its own
-learning rate, chosen on validation, is theory/comparison.py, built from this file's pieces.
+In this file, top to bottom: the data, the model, the methods (one table), the run's settings, where
+it runs (device, autocast, torchrun: the one place that knows about processes), the training step
+(`optimizer_step`: the lines to copy), the base model, evaluation, fine-tuning, the report. The
+comparison with each method at its own learning rate, chosen on validation, is theory/comparison.py.
 """
 
 import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -44,6 +46,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import sorsa
+import sorsa_integrations as si
 
 # ----------------------------------------------------------------------------- data
 
@@ -53,14 +56,11 @@ PAD = 0
 NAMES = ["ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jon"]
 ITEMS = ["pens", "cups", "apples", "books", "coins", "cards", "shells", "stamps"]
 
-
 def encode(text):
     return [STOI[ch] for ch in text]
 
-
 def decode(ids):
     return "".join(VOCAB[i] for i in ids if i != PAD)
-
 
 def operands(rng, op):
     """Numbers the base model learns to combine: sums and differences to 10, products to 9 x 9."""
@@ -69,10 +69,8 @@ def operands(rng, op):
     a = rng.randint(0, 10)
     return (a, rng.randint(0, a)) if op == "-" else (a, rng.randint(0, 10))
 
-
 def apply_op(a, op, b):
     return {"+": a + b, "-": a - b, "*": a * b}[op]
-
 
 def pretrain_line(rng):
     """One line of the base corpus: an arithmetic fact (4 lines in 5), or a plain sentence."""
@@ -84,7 +82,6 @@ def pretrain_line(rng):
     return rng.choice([f"{name} has {a} {item}.", f"{name} gets {b} {item}.",
                        f"{name} gives away {b} {item}.", f"{name} has {a} bags of {b} {item}."])
 
-
 def word_problem(rng):
     """(prompt, answer): a question the base model never saw; the answer writes the arithmetic
     out as the base model learned it ("7+5=12"), like a worked solution in MetaMathQA."""
@@ -95,7 +92,6 @@ def word_problem(rng):
             "-": f"{name} has {a} {item} and gives away {b}.",
             "*": f"{name} has {a} bags of {b} {item}."}[op]
     return f"{text} how many?", f"{a}{op}{b}={apply_op(a, op, b)}"
-
 
 def held_out(cfg):
     """(test problems, validation problems): disjoint, and never drawn for training. The comparison
@@ -110,7 +106,6 @@ def held_out(cfg):
             val.append(problem)
     return test, val
 
-
 @dataclass
 class EvalData:
     """The data every fine-tuning run on one base model is measured on, and the base model's scores."""
@@ -118,7 +113,6 @@ class EvalData:
     val: list  # other word problems, on which the comparison picks each method's learning rate
     heldout: torch.Tensor  # (B, T + 1) pretraining text never trained on: forgetting
     base_skills: tuple  # the base model's (held-out loss, arithmetic accuracy)
-
 
 def training_batches(seed, cfg, exclude):
     """The fine-tuning stream of one seed: the same problems in the same order for every method
@@ -132,7 +126,6 @@ def training_batches(seed, cfg, exclude):
                 batch.append(problem)
         yield batch
 
-
 def problem_batch(problems, device):
     """Inputs, targets (B, T) and a mask that keeps the loss on the answer and its newline only."""
     T = max(len(p) + len(a) + 1 for p, a in problems)  # the longest "prompt answer\n", less one
@@ -145,14 +138,11 @@ def problem_batch(problems, device):
         mask[i, len(prompt):len(ids) - 1] = True  # predicting " answer\n" after the prompt
     return x.to(device), y.to(device), mask.to(device)
 
-
 def answer_tokens(problems):
     """How many answer tokens a batch of problems scores: len(" answer\n")."""
     return sum(len(a) + 1 for _, a in problems)
 
-
 # ----------------------------------------------------------------------------- the tiny GPT
-
 
 @dataclass
 class GPTConfig:
@@ -161,7 +151,6 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 96
     vocab_size: int = len(VOCAB)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -177,7 +166,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, d))
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -188,7 +176,6 @@ class Block(nn.Module):
     def forward(self, x):  # pre-norm residual block
         x = x + self.attn(self.ln_1(x))
         return x + self.down_proj(F.gelu(self.up_proj(self.ln_2(x))))
-
 
 class TinyGPT(nn.Module):
     def __init__(self, cfg):
@@ -207,17 +194,93 @@ class TinyGPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # every linear of a block
 
+# ----------------------------------------------------------------------------- the methods
 
-# ----------------------------------------------------------------------------- configuration
+def whole(tensor):
+    """An FSDP2 shard (DTensor) gathered from every rank; a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+class LowRankLinear(nn.Module):
+    """y = x W^T + (x A^T) B^T + b with W frozen: LoRA (W = W_0, B = 0) and PiSSA (W = W_r). Like
+    SORSALinear, `weight` is the frozen part and merge() gives the layer it computes."""
+
+    def __init__(self, W, A, B, bias):
+        super().__init__()
+        self.weight = nn.Parameter(W.detach().clone(), requires_grad=False)  # (m, n)
+        self.A, self.B = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())  # (r, n), (m, r)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def lora(cls, linear, rank):
+        """LoRA: A Kaiming-uniform, B = 0, scaling 1, so the model starts unchanged."""
+        A = torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        return cls(linear.weight, A, torch.zeros(linear.out_features, rank, dtype=A.dtype, device=A.device), linear.bias)
+
+    @classmethod
+    def pissa(cls, linear, rank):
+        """PiSSA: SORSA's split with sqrt(S_p) folded into both factors, no regularizer."""
+        U_p, S_p, Vt_p, W_r = sorsa.svd_split(linear.weight, rank)
+        root = S_p.sqrt()
+        return cls(W_r, root[:, None] * Vt_p, U_p * root, linear.bias)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.A), self.B)
+
+    def merge(self):
+        """A frozen nn.Linear with weight W + B A (FSDP2's shards gathered)."""
+        W, A, B = (whole(t) for t in (self.weight, self.A, self.B))
+        layer = nn.Linear(W.shape[1], W.shape[0], bias=self.bias is not None, device="meta")  # shapes only
+        layer.weight = nn.Parameter(W + B @ A, requires_grad=False)
+        layer.bias = None if self.bias is None else nn.Parameter(whole(self.bias).clone(), requires_grad=False)
+        return layer
+
+def adapt_sorsa(model, targets, rank):
+    sorsa.apply_sorsa(model, rank, targets)
+
+def target_names(model, targets):
+    """The names of the model's nn.Linear layers whose last part is in targets."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+
+def adapt_low_rank(init, model, targets, rank):
+    """Replace each target nn.Linear by init(linear, rank): LowRankLinear.lora or .pissa; train only A and B."""
+    model.requires_grad_(False)
+    for name in target_names(model, targets):
+        model.set_submodule(name, init(model.get_submodule(name), rank))  # new A and B: trainable
+
+def train_everything(model, targets, rank):
+    model.requires_grad_(True)
+
+@dataclass(frozen=True)
+class Method:
+    adapt: callable  # adapt(model, targets, rank): makes a copy of the base model trainable the method's way
+    lr_scale: float = 1.0  # the demo trains at Config.lr times this: SORSA 1.5x, as the paper's 3e-5 vs 2e-5
+    regularized: bool = False  # SORSA's Eq. 6 with gamma = Config.gamma_ratio * lr
+    squared: bool = False  # the regularizer squared (an extra, not the paper's)
+
+METHODS = {
+    "sorsa": Method(adapt_sorsa, 1.5, regularized=True),
+    "sorsa_g0": Method(adapt_sorsa, 1.5),  # SORSA without its regularizer: gamma = 0
+    "pissa": Method(functools.partial(adapt_low_rank, LowRankLinear.pissa)),
+    "lora": Method(functools.partial(adapt_low_rank, LowRankLinear.lora)),
+    "full": Method(train_everything),
+    "sorsa_sq": Method(adapt_sorsa, 1.5, regularized=True, squared=True),
+}
+
+def prepare(method, base, cfg):
+    """A fresh copy of the base model, set up for `method`."""
+    model = copy.deepcopy(base)
+    METHODS[method].adapt(model, cfg.targets.split(","), cfg.rank)
+    return model
+
+# ----------------------------------------------------------------------------- the run's settings
 
 @dataclass
 class Config:
     device: str = "auto"  # auto: cuda when available
-    methods: str = "sorsa,sorsa_g0,pissa,lora,full,sorsa_sq"  # sorsa_sq: squared regularizer (extra)
+    methods: str = ",".join(METHODS)
     targets: str = ",".join(BLOCK_LINEARS)  # adapted layers, in every block
     rank: int = 8
     steps: int = 300  # fine-tuning steps per method
@@ -245,21 +308,76 @@ class Config:
              "test_size", "val_size", "pretrain_steps", "out", "cache")  # plain --flags (a class attribute)
 
     def method_lr(self, method):
-        """A method's learning rate in the demo: self.lr, times 1.5 for SORSA as in the paper."""
-        return 1.5 * self.lr if method.startswith("sorsa") else self.lr
+        """A method's learning rate in the demo: self.lr times its lr_scale."""
+        return METHODS[method].lr_scale * self.lr
 
     def gamma(self, method, lr):
-        """SORSA's gamma at its learning rate lr: gamma / lr stays gamma_ratio (Eq. 6's weight)."""
-        return self.gamma_ratio * lr if method in ("sorsa", "sorsa_sq") else 0.0
+        """Eq. 6's gamma at learning rate lr: gamma / lr stays gamma_ratio; 0 for an unregularized method."""
+        return self.gamma_ratio * lr if METHODS[method].regularized else 0.0
 
     def shrink_for_quick(self):
         """The --quick settings: a smaller model, a short pretraining and fine-tuning, fewer test problems."""
         self.model = GPTConfig(n_layer=2, d_model=64)
         self.pretrain_steps, self.steps, self.test_size, self.val_size = 300, 40, 100, 100
 
+def argument_parser(defaults, description=__doc__):
+    """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
+    parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
+                        help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
+                             "no native bf16 (T4, V100); 'on': bf16")
+    gamma_help = ("SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices (the authors' "
+                  "scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight its runs had 0.208 (their "
+                  "trainer divided it by 64 accumulation steps); ")
+    for field in defaults.FLAGS:
+        value = getattr(defaults, field)
+        parser.add_argument(f"--{field}", type=type(value),
+                            help=f"{gamma_help if field == 'gamma_ratio' else ''}default {value!r}")
+    parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
+    return parser
 
-METHODS = ("sorsa", "sorsa_g0", "pissa", "lora", "full", "sorsa_sq")
+def config_from(parser, defaults, argv=None):
+    """The Config the command line gives (--quick's settings under anything given explicitly); bad values
+    exit with status 2 and a message."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        defaults.shrink_for_quick()
+    cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if v is not None})
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    for flag, given, known in (("method", cfg.methods, METHODS), ("target", cfg.targets, BLOCK_LINEARS)):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            parser.error(f"unknown {flag}(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    if not 1 <= cfg.rank <= cfg.model.d_model:
+        parser.error(f"--rank {cfg.rank} is outside [1, {cfg.model.d_model}]: the smallest adapted layer "
+                     f"is {cfg.model.d_model}x{cfg.model.d_model}")
+    if min(cfg.steps, cfg.seeds, cfg.test_size, cfg.val_size, cfg.pretrain_steps) < 1 or not cfg.lr > 0 \
+            or not cfg.gamma_ratio >= 0 or cfg.base_seed < 0:
+        parser.error("--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1, "
+                     "--lr > 0, --gamma_ratio >= 0 and --base_seed >= 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world:
+        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.fsdp and world == 1:
+        parser.error("--fsdp shards across processes: start with torchrun --nproc_per_node N")
+    for flag, folder in (("out", cfg.out), ("cache", cfg.cache)):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            parser.error(f"cannot write to {folder}: {err.strerror}; pass a writable --{flag}")
+    return cfg
 
+def parse_args(argv=None):
+    """The demo's Config from the command line."""
+    defaults = Config()
+    return config_from(argument_parser(defaults), defaults, argv)
+
+# ----------------------------------------------------------------------------- where it runs: device, autocast, torchrun
 
 @dataclass
 class Runtime:
@@ -287,26 +405,79 @@ class Runtime:
         """A new GradScaler under fp16 autocast (its range flushes small gradients to 0), else None."""
         return torch.amp.GradScaler(self.device.type) if self.amp and self.amp_dtype == torch.float16 else None
 
+def start_runtime(cfg):
+    """The Runtime of this process: under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set, as
+    nanoGPT reads them) it joins the process group, NCCL on CUDA and gloo on the CPU."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    amp = cfg.autocast in ("on", "fp16") or (cfg.autocast == "auto" and cuda)
+    no_bf16 = cfg.autocast == "auto" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False)
+    amp_dtype = torch.float16 if cfg.autocast == "fp16" or no_bf16 else torch.bfloat16
+    return Runtime(device, amp, rank, world, cfg.fsdp and world > 1, amp_dtype)
 
-def backward_clipped(loss, opt, params, scaler):
-    """loss's gradient in the params' .grad, unscaled (fp16) and clipped to norm 1.0."""
+def distribute(model, runtime):
+    """The model as it trains under torchrun: DDP, or FSDP2 by block (SORSA's Vt_p by columns,
+    so its regularizer needs only r x r all-reduces); as it is in one process."""
+    if runtime.world == 1:
+        return model
+    if not runtime.fsdp:
+        cuda = runtime.device.type == "cuda"
+        return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None)
+    placement = si.fsdp_shard_placement(model)
+    for block in model.blocks:
+        fully_shard(block, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
+    return model
+
+def rank_share(problems, runtime):
+    """This rank's problems of a global batch, and the token count that divides its summed loss: the
+    global batch's, times the world, so that DDP's mean of the ranks' gradients is one process's gradient."""
+    return problems[runtime.rank::runtime.world], answer_tokens(problems) / runtime.world
+
+def mean_over_ranks(value, runtime):
+    """A scalar tensor averaged over the torchrun processes (as it is in one process)."""
+    if runtime.world > 1:
+        dist.all_reduce(value)
+        value /= runtime.world
+    return value
+
+def end_distributed():
+    """The end of a torchrun process: destroy the process group, then exit at once, without Python's
+    finalization. Under FSDP2 the gloo group outlives destroy_process_group (DTensor's caches hold
+    its mesh), and a gloo worker thread that frees a tensor while Python finalizes aborts the process
+    ("terminate called without an active exception", pytorch#190489; 1 launch in 5 on 2 busy cores)."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+# ----------------------------------------------------------------------------- the training step: the lines to copy
+
+def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=1.0, squared=False):
+    """One step of the paper's recipe, in the authors' order: the loss's backward, its gradient clipped
+    to norm 1.0, then (gamma / lr_max) grad L_reg added unclipped (Eq. 6; nothing for gamma = 0), the
+    optimizer's step. Under fp16 autocast (scaler: a GradScaler) the task gradient is unscaled before
+    the clip and the regularizer's is added after: added to the scaled gradient it would be divided by
+    the scale (65,536 at first) and vanish."""
+    opt.zero_grad()
     (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
-        scaler.unscale_(opt)  # before the clip and before anything else is added to .grad
+        scaler.unscale_(opt)  # the true gradient, before the clip and before anything is added to it
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-
-
-def optimizer_step(opt, scaler):
-    """opt.step(); under fp16, the scaler's (skipped where the scaled gradient overflowed) and its update."""
+    if gamma > 0:
+        sorsa.add_regularizer_grad(model, gamma, lr_max, squared)  # Eq. 6's second term
     if scaler is None:
         opt.step()
     else:
-        scaler.step(opt)
+        scaler.step(opt)  # skipped where the scaled gradient overflowed
         scaler.update()
 
-
-# ----------------------------------------------------------------------------- base model, cached
-
+# ----------------------------------------------------------------------------- the base model, cached
 
 def pretrain_chunks(rng, cfg, n):
     """n windows of block_size + 1 characters of the base corpus (B, T + 1), each cut at random
@@ -316,19 +487,16 @@ def pretrain_chunks(rng, cfg, n):
     starts = [rng.randrange(len(t) - T) for t in text]
     return torch.tensor([t[s:s + T + 1] for t, s in zip(text, starts)])
 
-
 def pretraining_batches(cfg, base_seed):
     """The batches (B, T + 1) pretraining draws for a base seed, one per step, in order."""
     rng = random.Random(base_seed)
     return (pretrain_chunks(rng, cfg, cfg.pretrain_batch) for _ in range(cfg.pretrain_steps))
-
 
 def lm_loss(model, chunk, runtime):
     """Next-character cross-entropy at every position of windows (B, T + 1): pretraining's loss."""
     with runtime.autocast():
         logits = model(chunk[:, :-1])  # (B, T, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
-
 
 def pretrain(cfg, base_seed, runtime, progress):
     """Train TinyGPT on the generated corpus, its initialization and data drawn from base_seed;
@@ -339,13 +507,27 @@ def pretrain(cfg, base_seed, runtime, progress):
     schedule, scaler = sorsa.cosine_schedule(opt, cfg.pretrain_steps), runtime.grad_scaler()
     for step, chunk in enumerate(pretraining_batches(cfg, base_seed)):
         loss = lm_loss(model, chunk.to(runtime.device), runtime)
-        opt.zero_grad()
-        backward_clipped(loss, opt, list(model.parameters()), scaler)
-        optimizer_step(opt, scaler)
+        optimizer_step(model, opt, list(model.parameters()), loss, scaler)
         schedule.step()
         progress("pretrain", step + 1, cfg.pretrain_steps, loss.item())
     return model, loss.item()
 
+def cached_base(cfg, key, path, runtime):
+    """The cached base model, or None when there is none or it is unusable (truncated, corrupted
+    or made with another configuration: it is then rebuilt, never trusted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state, extra = si.load_checked(path)  # SHA-256 checked: torch.load misses flipped bytes in a tensor
+        if extra.get("key") != key:
+            raise ValueError("it was made with another configuration")
+        model = TinyGPT(cfg.model)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as err:
+        runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
+        return None
+    runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
+    return model
 
 def base_model(cfg, base_seed, runtime, progress):
     """The base model pretrained with base_seed, from the cache, or pretrained now and cached
@@ -360,7 +542,7 @@ def base_model(cfg, base_seed, runtime, progress):
             start = time.time()
             model, loss = pretrain(cfg, base_seed, runtime, progress)
             os.makedirs(cfg.cache, exist_ok=True)
-            save_cache({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "key": key, "loss": loss}, path)
+            si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
             runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
                         f"cached as {path}")
     if runtime.world > 1:
@@ -369,148 +551,7 @@ def base_model(cfg, base_seed, runtime, progress):
             model = cached_base(cfg, key, path, runtime)
     return model.to(runtime.device), path
 
-
-def save_cache(content, path):
-    """torch.save's bytes behind their SHA-256, written beside `path` and renamed: whole or absent."""
-    buffer = io.BytesIO()
-    torch.save(content, buffer)
-    data, tmp = buffer.getvalue(), f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(hashlib.sha256(data).digest() + data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
-    os.replace(tmp, path)
-
-
-def load_cache(path):
-    """What save_cache wrote; a ValueError if the file is truncated or corrupted (torch.load does not
-    notice flipped bytes inside a tensor)."""
-    with open(path, "rb") as f:
-        digest, data = f.read(32), f.read()
-    if hashlib.sha256(data).digest() != digest:
-        raise ValueError("its checksum does not match its contents")
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def cached_base(cfg, key, path, runtime):
-    """The cached base model, or None when there is none or it is unusable (truncated,
-    corrupted or made with another configuration: it is then rebuilt, never trusted)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        extra = load_cache(path)
-        if extra.get("key") != key:
-            raise ValueError("it was made with another configuration")
-        model = TinyGPT(cfg.model)
-        model.load_state_dict(extra["state"])
-    except (ValueError, RuntimeError, EOFError, KeyError) as err:
-        runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
-        return None
-    runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
-    return model
-
-
-# ----------------------------------------------------------------------------- the other methods
-
-
-def whole(tensor):
-    """An FSDP2 shard (DTensor) gathered from every rank; a plain tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-class LowRankLinear(nn.Module):
-    """y = x W^T + (x A^T) B^T + b with W frozen: LoRA (W = W_0, B = 0) and PiSSA (W = W_r)."""
-
-    def __init__(self, W, A, B, bias):
-        super().__init__()
-        self.W = nn.Parameter(W.detach().clone(), requires_grad=False)  # (m, n), frozen like SORSA's W_r
-        self.A, self.B = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())  # (r, n), (m, r)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def lora(cls, linear, rank):
-        """LoRA: A Kaiming-uniform, B = 0, scaling 1, so the model starts unchanged."""
-        A = torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return cls(linear.weight, A, torch.zeros(linear.out_features, rank, dtype=A.dtype, device=A.device), linear.bias)
-
-    @classmethod
-    def pissa(cls, linear, rank):
-        """PiSSA: SORSA's split with sqrt(S_p) folded into both factors, no regularizer."""
-        U_p, S_p, Vt_p, W_r = sorsa.svd_split(linear.weight, rank)
-        root = S_p.sqrt()
-        return cls(W_r, root[:, None] * Vt_p, U_p * root, linear.bias)
-
-    def forward(self, x):
-        return F.linear(x, self.W, self.bias) + F.linear(F.linear(x, self.A), self.B)
-
-    def weight(self):
-        W, A, B = (whole(t) for t in (self.W, self.A, self.B))
-        return W + B @ A  # (m, n), for the analysis metrics
-
-
-def target_names(model, targets):
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
-
-
-def prepare(method, base, cfg):
-    """A fresh copy of the base model set up for `method`."""
-    model = copy.deepcopy(base)
-    targets = cfg.targets.split(",")
-    if method.startswith("sorsa"):
-        sorsa.apply_sorsa(model, cfg.rank, targets)
-        return model
-    if method == "full":
-        return model.requires_grad_(True)
-    names = target_names(model, targets)
-    build = LowRankLinear.lora if method == "lora" else LowRankLinear.pissa
-    for name in names:
-        model.set_submodule(name, build(model.get_submodule(name), cfg.rank))
-    model.requires_grad_(False)
-    for name in names:
-        model.get_submodule(name).A.requires_grad_(True)
-        model.get_submodule(name).B.requires_grad_(True)
-    return model
-
-
-def distribute(model, method, runtime):
-    """The model as it trains under torchrun: DDP, or FSDP2 by block (SORSA's Vt_p by columns,
-    so its regularizer needs only r x r all-reduces); as it is in one process."""
-    if runtime.world == 1:
-        return model
-    if not runtime.fsdp:
-        cuda = runtime.device.type == "cuda"
-        return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if cuda else None)
-    import sorsa_integrations  # the FSDP2 path alone needs the companion
-    placement = sorsa_integrations.fsdp_shard_placement(model) if method.startswith("sorsa") else None
-    for block in model.blocks:
-        fully_shard(block, shard_placement_fn=placement)
-    fully_shard(model, shard_placement_fn=placement)
-    return model
-
-
-def effective_weight(module):
-    """The (m, n) weight a layer applies, whatever method built it (FSDP2 shards gathered)."""
-    if isinstance(module, sorsa.SORSALinear):
-        return module.merge().weight
-    if isinstance(module, LowRankLinear):
-        return module.weight()
-    return whole(module.weight)
-
-
-def weight_change(model, base, names):
-    """Mean delta_sigma and delta_d (Eqs. 7-10) of the adapted layers against the base model."""
-    inner = sorsa.unwrap(model)
-    with torch.no_grad():
-        pairs = [(base.get_submodule(n).weight, effective_weight(inner.get_submodule(n))) for n in names]
-        if not all(torch.isfinite(b).all() for _, b in pairs):  # diverged (too large a learning rate)
-            return math.nan, math.nan
-        return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
-                statistics.mean(sorsa.delta_d(a, b) for a, b in pairs))
-
-
-# ----------------------------------------------------------------------------- training and evaluation
-
+# ----------------------------------------------------------------------------- evaluation
 
 def answer_loss(model, batch, runtime, tokens=None):
     """Cross-entropy on the answer tokens, summed and divided by `tokens` (default: this batch's)."""
@@ -518,7 +559,6 @@ def answer_loss(model, batch, runtime, tokens=None):
     with runtime.autocast():
         logits = model(x)
     return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (tokens or mask.sum())
-
 
 @torch.no_grad()
 def greedy(model, prompts, new_tokens, runtime):
@@ -537,7 +577,6 @@ def greedy(model, prompts, new_tokens, runtime):
             out[i] = decode(ids[length:]).split("\n")[0]
     return out
 
-
 @contextlib.contextmanager
 def evaluating(model):
     """Eval mode and no gradients inside; the model's own mode back after."""
@@ -548,7 +587,6 @@ def evaluating(model):
             yield
     finally:
         model.train(was_training)
-
 
 def evaluate(model, problems, runtime):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
@@ -561,7 +599,6 @@ def evaluate(model, problems, runtime):
     correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
     return loss, correct / len(problems)
 
-
 def arithmetic_accuracy(model, runtime, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
@@ -570,12 +607,10 @@ def arithmetic_accuracy(model, runtime, n=200):
         got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, runtime)
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
-
 def heldout_text(cfg, n=256):
     """n windows of the base corpus from a stream of their own (B, T + 1): text of the pretraining
     distribution that pretraining never drew (test_train_tiny checks it for the default settings)."""
     return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
-
 
 def pretraining_skills(model, heldout, runtime):
     """(loss on held-out pretraining text, arithmetic accuracy): what fine-tuning may make a model forget."""
@@ -583,71 +618,67 @@ def pretraining_skills(model, heldout, runtime):
         loss = lm_loss(model, heldout.to(runtime.device), runtime).item()
     return loss, arithmetic_accuracy(model, runtime)
 
-
 def forgetting(model, data, runtime):
     """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model,
     as PEFT's method comparison reports forgetting; an unchanged model gives exactly (0, 0)."""
     loss, arithmetic = pretraining_skills(model, data.heldout, runtime)
     return loss - data.base_skills[0], arithmetic - data.base_skills[1]
 
+def effective_weight(module):
+    """The (m, n) weight a layer applies, whatever method built it (FSDP2 shards gathered)."""
+    return module.merge().weight if isinstance(module, (sorsa.SORSALinear, LowRankLinear)) else whole(module.weight)
+
+def weight_change(model, base, names):
+    """Mean delta_sigma and delta_d (Eqs. 7-10) of the adapted layers against the base model."""
+    inner = sorsa.unwrap(model)
+    with torch.no_grad():
+        pairs = [(base.get_submodule(n).weight, effective_weight(inner.get_submodule(n))) for n in names]
+        if not all(torch.isfinite(b).all() for _, b in pairs):  # diverged (too large a learning rate)
+            return math.nan, math.nan
+        return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
+                statistics.mean(sorsa.delta_d(a, b) for a, b in pairs))
+
+# ----------------------------------------------------------------------------- fine-tuning
 
 def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False, scaler=None):
-    """One step of the paper's recipe on a global batch of problems, in the authors' order: the
-    answer loss's backward, its gradient clipped to norm 1.0, then (gamma / lr_max) grad L_reg
-    added unclipped (Eq. 6; nothing for gamma = 0), the optimizer step. Under fp16 autocast
-    (scaler: a GradScaler) the task gradient is unscaled before the clip and the regularizer's is
-    added after: added to the scaled gradient it would be divided by the scale (65,536 at first)
-    and vanish. Under torchrun each rank takes every world-th problem and divides its summed loss
-    by the global batch's token count times world, so that DDP's mean of the gradients is the
-    single-process gradient. Returns the global batch's answer loss."""
-    local = problems[runtime.rank::runtime.world]
-    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, answer_tokens(problems) / runtime.world)
-    opt.zero_grad()
-    backward_clipped(loss, opt, params, scaler)
-    if gamma > 0:
-        sorsa.add_regularizer_grad(model, gamma, lr_max, squared)
-    optimizer_step(opt, scaler)
-    loss = loss.detach()
-    if runtime.world > 1:
-        dist.all_reduce(loss)
-        loss /= runtime.world
-    return loss
-
+    """One step on a global batch of problems: this rank's share of the answer loss, then the paper's
+    step (optimizer_step). Returns the global batch's answer loss."""
+    local, tokens = rank_share(problems, runtime)
+    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, tokens)
+    optimizer_step(model, opt, params, loss, scaler, gamma, lr_max, squared)
+    return mean_over_ranks(loss.detach(), runtime)
 
 def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
     """Fine-tune one method with one seed at learning rate lr on one base model (data: its EvalData);
     the reported numbers, and the model. log(row) gets the test scores at 5 points of the run (curve)
     or at its end only."""
-    test, val = data.test, data.val
     torch.manual_seed(seed)  # LoRA's initialization
-    model = distribute(prepare(method, base, cfg), method, runtime)
+    model = distribute(prepare(method, base, cfg), runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule, scaler = sorsa.cosine_schedule(opt, cfg.steps), runtime.grad_scaler()
-    gamma = cfg.gamma(method, lr)
+    gamma, squared = cfg.gamma(method, lr), METHODS[method].squared
     names = target_names(base, cfg.targets.split(","))
-    exclude = {p for p, _ in test + val}
     losses, step_time = [], 0.0
-    for step, problems in enumerate(training_batches(seed, cfg, exclude)):
+    for step, problems in enumerate(training_batches(seed, cfg, exclude={p for p, _ in data.test + data.val})):
         start = time.perf_counter()
-        loss = train_step(model, opt, params, problems, gamma, lr, runtime, method == "sorsa_sq", scaler)
+        loss = train_step(model, opt, params, problems, gamma, lr, runtime, squared, scaler)
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
         progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
         if (curve and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0)) or step + 1 == cfg.steps:
-            eval_loss, acc = evaluate(model, test, runtime)
+            eval_loss, acc = evaluate(model, data.test, runtime)
             d_sigma, d_d = weight_change(model, base, names)
             log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
                  "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
-    val_loss, val_acc = evaluate(model, val, runtime)
+    val_loss, val_acc = evaluate(model, data.val, runtime)
     forget_loss, forget_arithmetic = forgetting(model, data, runtime)
     tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
     return {"lr": lr, "params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
             "eval_loss": eval_loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
             "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
             "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
-
 
 def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
     """The SORSA model saved as an adapter and reloaded into a fresh base, and merged in place into
@@ -672,9 +703,7 @@ def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
         rows[label] = (evaluate(m, test, runtime)[1], diff)
     return rows, os.path.getsize(path), os.path.getsize(base_path)
 
-
-# ----------------------------------------------------------------------------- reporting
-
+# ----------------------------------------------------------------------------- the report
 
 COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
            ("accuracy", "accuracy", "{:.1%}"), ("val accuracy", "val_accuracy", "{:.1%}"),
@@ -682,13 +711,11 @@ COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{
            ("Δ arithmetic", "forget_arithmetic", "{:+.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
            ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
 
-
 def cell(runs, key, fmt):
     """mean +- std of runs[i][key] over the runs (seeds)."""
     values = [r[key] for r in runs]
     text = fmt.format(statistics.mean(values))
     return text + (f" ± {fmt.format(statistics.stdev(values)).lstrip('+')}" if len(values) > 1 else "")
-
 
 def results_table(results):
     """Markdown table: one row per method ({method: runs}), mean +- std over seeds."""
@@ -697,7 +724,6 @@ def results_table(results):
     for method, runs in results.items():
         lines.append(f"| {method} | {runs[0]['params']:,} | " + " | ".join(cell(runs, k, f) for _, k, f in COLUMNS) + " |")
     return "\n".join(lines)
-
 
 def pyplot():
     """matplotlib's pyplot, drawing to files, or None (with a note) when it is not installed."""
@@ -710,7 +736,6 @@ def pyplot():
         print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
         return None
 
-
 def plot(log_path, out):
     """curves.png: eval loss, delta_sigma and delta_d against the step, per method (seed 0)."""
     plt = pyplot()
@@ -720,16 +745,12 @@ def plot(log_path, out):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key in zip(axes, ("eval_loss", "delta_sigma", "delta_d")):
         for method in dict.fromkeys(r["method"] for r in rows):
-            points = [(r["step"], r[key]) for r in rows if r["method"] == method and r["seed"] == 0]
-            ax.plot(*zip(*points), label=method)
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.set_yscale("log" if key == "eval_loss" else "linear")
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if r["method"] == method and r["seed"] == 0]), label=method)
+        ax.set(xlabel="step", title=key, yscale="log" if key == "eval_loss" else "linear")
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     print(f"plot: {os.path.join(out, 'curves.png')}")
-
 
 class Progress:
     """Prints step, loss and an ETA over a phase's planned steps, about every 5% of each part (rank 0)."""
@@ -743,43 +764,11 @@ class Progress:
             eta = (time.time() - self.start) / self.done * max(0, self.total - self.done)
             self.runtime.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
 
-
 def append_jsonl(path, row, runtime):
     """Append one JSON line to a log (rank 0 only)."""
     if runtime.main:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def start_runtime(cfg):
-    """The Runtime of this process: under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set, as
-    nanoGPT reads them) it joins the process group, NCCL on CUDA and gloo on the CPU."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    amp = cfg.autocast in ("on", "fp16") or (cfg.autocast == "auto" and cuda)
-    no_bf16 = cfg.autocast == "auto" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False)
-    amp_dtype = torch.float16 if cfg.autocast == "fp16" or no_bf16 else torch.bfloat16
-    return Runtime(device, amp, rank, world, cfg.fsdp and world > 1, amp_dtype)
-
-
-def end_distributed():
-    """The end of a torchrun process: destroy the process group, then exit at once, without Python's
-    finalization. Under FSDP2 the gloo group outlives destroy_process_group (DTensor's caches hold
-    its mesh), and a gloo worker thread that frees a tensor while Python finalizes aborts the process
-    ("terminate called without an active exception", pytorch#190489; 1 launch in 5 on 2 busy cores)."""
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
 
 def describe(cfg, runtime):
     """One line saying what this run computes, and where."""
@@ -787,7 +776,6 @@ def describe(cfg, runtime):
             f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, "
             f"methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
             f"{cfg.steps} steps, seeds {cfg.seeds}")
-
 
 def prepare_base(cfg, base_seed, runtime, progress):
     """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task): pretrained or
@@ -801,7 +789,6 @@ def prepare_base(cfg, base_seed, runtime, progress):
     runtime.say(f"base model {base_seed}: {data.base_skills[1]:.1%} of 200 arithmetic facts right, held-out "
                 f"pretraining loss {data.base_skills[0]:.3f}; on the task: eval loss {loss:.3f}, accuracy {acc:.1%}")
     return base, path, data, (loss, acc)
-
 
 def run(cfg):
     """The demo: every method at the paper's learning rates on seeds 0 .. seeds-1 of one base model, and
@@ -826,97 +813,22 @@ def run(cfg):
                 checks = check_merge_and_adapter(model, base, data.test, cfg, runtime, base_path)
     return {"base": base_scores, "runtime": runtime, "log": log_path, "checks": checks, "results": results}
 
-
-def argument_parser(defaults, description=__doc__):
-    """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
-    parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
-                        help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
-                             "no native bf16 (T4, V100); 'on': bf16")
-    gamma_help = ("SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices (the authors' "
-                  "scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight its runs had 0.208 (their "
-                  "trainer divided it by 64 accumulation steps); ")
-    for field in defaults.FLAGS:
-        value = getattr(defaults, field)
-        parser.add_argument(f"--{field}", type=type(value),
-                            help=f"{gamma_help if field == 'gamma_ratio' else ''}default {value!r}")
-    parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
-    parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
-    return parser
-
-
-def config_from(parser, defaults, argv=None):
-    """The Config the command line gives (--quick's settings under anything given explicitly); bad values
-    exit with status 2 and a message."""
-    args = parser.parse_args(argv)
-    if args.quick:
-        defaults.shrink_for_quick()
-    cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if v is not None})
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto)")
-    unknown = set(cfg.methods.split(",")) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
-    bad_targets = set(cfg.targets.split(",")) - set(BLOCK_LINEARS)
-    if bad_targets:
-        parser.error(f"unknown target(s) {', '.join(sorted(bad_targets))}; choose from {', '.join(BLOCK_LINEARS)}")
-    if not 1 <= cfg.rank <= cfg.model.d_model:
-        parser.error(f"--rank {cfg.rank} is outside [1, {cfg.model.d_model}]: the smallest adapted layer "
-                     f"is {cfg.model.d_model}x{cfg.model.d_model}")
-    if min(cfg.steps, cfg.seeds, cfg.test_size, cfg.val_size, cfg.pretrain_steps) < 1 or not cfg.lr > 0 \
-            or not cfg.gamma_ratio >= 0 or cfg.base_seed < 0:
-        parser.error("--steps, --seeds, --test_size, --val_size and --pretrain_steps must be >= 1, "
-                     "--lr > 0, --gamma_ratio >= 0 and --base_seed >= 0")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % world:
-        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    if cfg.fsdp and world == 1:
-        parser.error("--fsdp shards across processes: start with torchrun --nproc_per_node N")
-    for flag, folder in (("out", cfg.out), ("cache", cfg.cache)):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            parser.error(f"cannot write to {folder}: {err.strerror}; pass a writable --{flag}")
-    return cfg
-
-
-def parse_args(argv=None):
-    """The demo's Config from the command line."""
-    defaults = Config()
-    return config_from(argument_parser(defaults), defaults, argv)
-
-
-def report(cfg, experiment, show):
-    """Run experiment(cfg); on rank 0 print the base model's scores, show(result, cfg), the log and the
-    time taken; end a torchrun process."""
-    start = time.time()
-    result = experiment(cfg)
+def main(argv=None):
+    """The demo: run it, then on rank 0 the table, the plot and the SORSA model's merge and reload checks."""
+    start, cfg = time.time(), parse_args(argv)
+    result = run(cfg)
     if result["runtime"].main:
         print(f"\nbase model: eval loss {result['base'][0]:.3f}, accuracy {result['base'][1]:.1%}")
-        show(result, cfg)
-        print(f"log: {result['log']}")
-        print(f"total time {time.time() - start:.0f} s")
+        print(results_table(result["results"]))
+        plot(result["log"], cfg.out)
+        if result["checks"]:  # none when SORSA was not among the methods
+            rows, adapter_bytes, base_bytes = result["checks"]
+            for label, (acc, diff) in rows.items():
+                print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
+            print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
+        print(f"log: {result['log']}\ntotal time {time.time() - start:.0f} s")
     if dist.is_initialized():
         end_distributed()
-
-
-def show_demo(result, cfg):
-    """The demo's table, its plot and the SORSA model's merge and reload checks."""
-    print(results_table(result["results"]))
-    plot(result["log"], cfg.out)
-    if result["checks"]:  # none when SORSA was not among the methods
-        rows, adapter_bytes, base_bytes = result["checks"]
-        for label, (acc, diff) in rows.items():
-            print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
-        print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
-
-
-def main(argv=None):
-    report(parse_args(argv), run, show_demo)
-
 
 if __name__ == "__main__":
     sys.exit(main())
