@@ -333,3 +333,125 @@ def fsdp_shard_placement(model, world_size=None):
     by_columns = {id(p) for _, mod in sorsa.sorsa_modules(model) for p in (mod.Vt_p, mod.Vt_p0)
                   if p.shape[1] % world == 0}
     return lambda param: Shard(1) if id(param) in by_columns else None
+
+
+# ----------------------------------------------------------------------------- the split of a model FSDP2 has sharded
+
+
+def base_state_for_sorsa(model, state):
+    """A base model's state dict with each SORSA layer's `weight` renamed to its `W_r` (transposed for a
+    Conv1D's (in, out) layout): what a model adapted on the meta device (apply_sorsa there gives the structure)
+    and then sharded loads with PyTorch's own loaders (set_model_state_dict, DCP) before split_sharded."""
+    state = dict(state)
+    for name, mod in sorsa.sorsa_modules(model):
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            raise KeyError(f"the base state has no {key!r} for SORSA layer {name!r}: is it this model's checkpoint?")
+        weight = state.pop(key)
+        state[f"{name}.W_r" if name else "W_r"] = weight if issubclass(mod.base_type, nn.Linear) else weight.mT
+    return state
+
+
+def _shard_dim(param):
+    """(dim, rank, world) of a parameter FSDP2 holds as one Shard(dim) on a 1-D mesh; (0, 0, 1) for a whole tensor."""
+    if not hasattr(param, "placements"):
+        return 0, 0, 1
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or not isinstance(param.placements[0], Shard):
+        raise ValueError(f"split_sharded handles one Shard(dim) on a 1-D mesh (fully_shard's default); got "
+                         f"{param.placements} on a {mesh.ndim}-D mesh")
+    return param.placements[0].dim, mesh.get_local_rank(), mesh.size()
+
+
+def _part(full, param):
+    """The rows (or columns) of `full` that `param` holds on this rank: FSDP2's torch.chunk-style shard."""
+    dim, rank, world = _shard_dim(param)
+    size = -(-full.shape[dim] // world)  # the last ranks hold fewer, or none
+    start = min(rank * size, full.shape[dim])
+    return full.narrow(dim, start, min(size, full.shape[dim] - start))
+
+
+def _local(param):
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _gather_to(param, owner):
+    """The whole of a sharded (m, n) parameter on rank `owner` alone (None elsewhere): each rank sends its
+    shard, padded to the chunk size; a whole tensor is returned as it is on every rank."""
+    dim, rank, world = _shard_dim(param)
+    local = _local(param).detach()
+    if world == 1:
+        return local
+    shape = list(param.shape)
+    shape[dim] = -(-shape[dim] // world)
+    padded = local.new_zeros(shape)
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    group = param.device_mesh.get_group()
+    dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
+    return torch.cat(parts, dim).narrow(dim, 0, param.shape[dim]) if rank == owner else None
+
+
+def _every_rank_agrees(error, group):
+    """Raise on every rank if any rank had an error (its message, with the rank): no rank waits for one that failed."""
+    errors = [None] * (dist.get_world_size(group) if group is not None else 1)
+    if group is None:
+        errors[0] = error
+    else:
+        dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise ValueError("split_sharded changed nothing: " + "; ".join(f"rank {r}: {e}" for r, e in failed))
+
+
+def split_sharded(model, niter=None):
+    """Compute the SVD split (Eqs. 1-2) of every SORSA layer of a model that FSDP2 has sharded, in place: the
+    layers were made on the meta device (apply_sorsa gives the structure), sharded by fully_shard, and each
+    W_r loaded with W_0's shard (base_state_for_sorsa). Layer by layer, in turns: layer i's W_0 is gathered
+    on rank i % world alone, which splits it (sorsa.svd_split, exact or randomized with niter) while the
+    other ranks split theirs; its owner then broadcasts U_p (m, r), S_p (r,) and Vt_p (r, n), and every rank
+    keeps its shards of them and computes its own part of W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank
+    holds more than one layer's whole W_0 beyond its shards; the factors equal one process's bit for bit,
+    W_r to a rounding. Without torch.distributed (one process, whole tensors) it splits every layer itself.
+    Bad input (a non-finite W_0 shard) raises on every rank before anything changes."""
+    layers = [mod for _, mod in sorsa.sorsa_modules(model)]
+    if not layers:
+        raise ValueError("split_sharded found no SORSA layer: call sorsa_integrations.apply_sorsa on the meta "
+                         "model first, then fully_shard, then load the base weights")
+    group = layers[0].W_r.device_mesh.get_group() if hasattr(layers[0].W_r, "device_mesh") else None
+    world, me = _shard_dim(layers[0].W_r)[1:][::-1]
+    bad = [name for name, mod in sorsa.sorsa_modules(model) if not torch.isfinite(_local(mod.W_r)).all()]
+    _every_rank_agrees(f"W_0 of {', '.join(bad)} holds NaN or Inf: load the base weights before splitting"
+                       if bad else None, group)
+    for start in range(0, len(layers), world):
+        turn = layers[start:start + world]  # layer start + k is rank k's to split
+        whole = [_gather_to(mod.W_r, k) for k, mod in enumerate(turn)]
+        mine, error = None, None
+        if me < len(turn):
+            try:
+                mod = turn[me]
+                mine = sorsa.svd_split(whole[me], mod.rank, niter, mod.U_p.dtype)[:3]
+            except Exception as err:  # told to every rank below, so none waits for this one
+                error = f"{type(err).__name__}: {err}"
+        del whole
+        _every_rank_agrees(error, group)
+        for k, mod in enumerate(turn):
+            factors = mine if k == me else [torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
+                                            for p in (mod.U_p, mod.S_p, mod.Vt_p)]
+            if group is not None:
+                for t in factors:
+                    dist.broadcast(t, src=dist.get_global_rank(group, k), group=group)
+            _fill(mod, *factors)
+
+
+def _fill(mod, U_p, S_p, Vt_p):
+    """Set a layer's shards of its factors (trainable and initial) from the whole ones, and turn its W_0 shard into
+    its W_r shard: W_0's part minus the matching part of U_p diag(S_p) Vt_p (rows of U_p, or columns of Vt_p)."""
+    with torch.no_grad():
+        for name, whole in (("U_p", U_p), ("S_p", S_p), ("Vt_p", Vt_p), ("U_p0", U_p), ("S_p0", S_p), ("Vt_p0", Vt_p)):
+            param = getattr(mod, name)
+            _local(param).copy_(_part(whole, param))
+        by_rows = _shard_dim(mod.W_r)[0] == 0
+        W = _local(mod.W_r)
+        W.copy_(sorsa._add_W_p(W, _part(U_p, mod.W_r) if by_rows else U_p, S_p,
+                               Vt_p if by_rows else _part(Vt_p, mod.W_r), alpha=-1))

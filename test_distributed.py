@@ -232,6 +232,128 @@ def test_train_tiny_under_torchrun_matches_one_process(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) <= 0.01 * b["train_loss"], (a, b)
 
 
+# ----------------------------------------------------------------------------- adapting after sharding
+
+
+SPLIT_TARGETS = ["q_proj", "v_proj", "up", "down"]
+SPLIT_CASES = [("float32", None), ("bfloat16", None), ("float32", 2)]  # (base dtype, niter): exact and randomized
+
+
+def off_orthonormality(model):
+    """Move U_p and Vt_p by the same 0.1 noise, whole or sharded (each rank its part), where Eq. 4's gradient is
+    smooth: at orthonormality its direction follows the SVD's rounding, which varies with threads."""
+    from test_sorsa import rand
+    with torch.no_grad():
+        for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
+            for j, p in enumerate((mod.U_p, mod.Vt_p)):
+                si._local(p).add_(si._part(0.1 * rand(*p.shape, seed=10 * i + j, dtype=torch.float32), p))
+
+
+def split_reference(dtype, niter):
+    """One process: the base model, and it adapted whole (sorsa.apply_sorsa), with an input batch of 12."""
+    from test_sorsa import rand, toy_model
+    base = toy_model(0, d=12, h=20, dtype=getattr(torch, dtype))
+    model = copy.deepcopy(base)
+    sorsa.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
+    x = rand(12, 12, seed=7, dtype=base[0].q_proj.weight.dtype)
+    return base, model, x
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_a_model_sharded_before_its_split_equals_one_process(tmp_path, nproc):
+    """Built on the meta device, adapted there for its shapes, fully_shard-ed, loaded with the base weights
+    by set_model_state_dict, then si.split_sharded: each layer split by one rank in turn. Widths 12 and 20,
+    so 3 ranks hold 7, 7 and 6 rows of a width-20 W_r and keep a width-20 Vt_p on rows. Against
+    sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (float32 SVDs, which
+    may run in other threads: 1e-5; bf16 W_r: one bf16 rounding); 3 SGD steps as the other FSDP2 tests;
+    the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged."""
+    out = tmp_path / "split"
+    out.mkdir()
+    torchrun(__file__, "split", str(out), nproc=nproc)
+    for dtype, niter in SPLIT_CASES:
+        base, single, x = split_reference(dtype, niter)
+        got = torch.load(out / f"{dtype}-{niter}.pt", weights_only=True)
+        weight_tol = 1e-5 if dtype == "float32" else 2 ** -7  # W_r: float32 sums in another order; bf16 rounding
+        for name, mod in sorsa.sorsa_modules(single):
+            for key in ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r"):
+                want, have = getattr(mod, key).detach(), got["split"][f"{name}.{key}"]
+                assert have.dtype == want.dtype, (name, key)
+                tol = weight_tol if key == "W_r" else 1e-5
+                assert torch.allclose(have.double(), want.double(), rtol=0, atol=tol * want.abs().max().item()), (name, key)
+        with torch.no_grad():
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            assert torch.allclose(got["output"], single(x).float(), rtol=0, atol=tol * 10)
+            assert got["refused"].startswith("split_sharded changed nothing: rank") and "NaN" in got["refused"]
+            assert got["unchanged"]
+        off_orthonormality(single)
+        train(single, x, torch.sin(3 * x), "fsdp")
+        for k, v in sorsa.adapter_state_dict(single).items():
+            assert torch.allclose(got["trained"][k], v, rtol=0, atol=tol * (1 + v.abs().max().item())), k
+        fresh = copy.deepcopy(base)
+        si.load_adapter(fresh, out / f"{dtype}-{niter}-adapter.pt")
+        lora = load_file(out / f"{dtype}-{niter}-lora" / "adapter_model.safetensors")
+        expected_lora = si.lora_state_dict(single)
+        assert all(torch.allclose(lora[f"base_model.model.{k}"], v, rtol=0, atol=tol * (1 + v.abs().max().item()))
+                   for k, v in expected_lora.items())
+        sorsa.merge_sorsa(single)
+        with torch.no_grad():
+            assert torch.allclose(fresh(x).float(), single(x).float(), atol=10 * tol)
+            assert torch.allclose(got["merged"], single(x).float(), atol=10 * tol)
+
+
+def split_worker(out):
+    """Each case of SPLIT_CASES: meta, apply_sorsa, fully_shard, to_empty, a poisoned load refused, the real
+    load, split_sharded; what it gives, gathered, written by rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    import train_tiny
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for dtype, niter in SPLIT_CASES:
+        base, _, x = split_reference(dtype, niter)
+        model = copy.deepcopy(base).to("meta")  # as built with torch.device("meta"): shapes, no memory
+        si.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
+        placement = si.fsdp_shard_placement(model)
+        for block in model:
+            fully_shard(block, shard_placement_fn=placement)
+        fully_shard(model, shard_placement_fn=placement)
+        model.to_empty(device="cpu")
+        options = StateDictOptions(full_state_dict=True, strict=False)  # U_p, S_p, Vt_p come from the split
+        poisoned = {k: v.clone() for k, v in base.state_dict().items()}
+        poisoned["1.up.weight"][-1, 0] = float("nan")  # the last rows: the last rank's shard alone
+        set_model_state_dict(model, si.base_state_for_sorsa(model, poisoned), options=options)
+        before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+        try:
+            si.split_sharded(model, niter)
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        unchanged = all(torch.equal(before[k].flatten().view(torch.uint8), v.to_local().flatten().view(torch.uint8))
+                        for k, v in model.state_dict().items())  # bit for bit: to_empty's memory may hold NaN
+        set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
+        si.split_sharded(model, niter)
+        split = {k: v.full_tensor() for k, v in model.state_dict().items() if "." in k and k.rsplit(".", 1)[1] in
+                 ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r")}
+        with torch.no_grad():
+            output = model(x).float()
+        local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        off_orthonormality(model)
+        train(model, x[local], torch.sin(3 * x[local]), "fsdp")
+        trained = sorsa.adapter_state_dict(model)
+        si.save_adapter(model, os.path.join(out, f"{dtype}-{niter}-adapter.pt"))
+        si.save_lora(model, os.path.join(out, f"{dtype}-{niter}-lora"))
+        sorsa.merge_sorsa(model)
+        with torch.no_grad():
+            merged = model(x).float()
+        if rank == 0:
+            torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged,
+                        "trained": trained, "merged": merged}, os.path.join(out, f"{dtype}-{niter}.pt"))
+    train_tiny.end_distributed()
+
+
 # ----------------------------------------------------------------------------- the worker, run by torchrun
 
 
@@ -295,4 +417,4 @@ def worker(engine, dtype, out):
 
 
 if __name__ == "__main__":
-    worker(*sys.argv[1:])
+    split_worker(sys.argv[2]) if sys.argv[1] == "split" else worker(*sys.argv[1:])
