@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -434,6 +435,19 @@ def distribute(model, runtime):
     fully_shard(model, shard_placement_fn=placement)
     return model
 
+def sorsa_sharded(method, base, cfg, runtime):
+    """SORSA under FSDP2 as a model too large for one process is adapted: made on the meta device, given
+    SORSA's structure there, sharded by block, the base weights loaded into the shards, then split, each
+    rank splitting every world-th layer (sorsa_integrations.split_sharded). No rank holds the whole model."""
+    with torch.device("meta"):
+        model = TinyGPT(cfg.model)
+    METHODS[method].adapt(model, cfg.targets.split(","), cfg.rank)  # shapes only: nothing is computed on meta
+    distribute(model, runtime).to_empty(device=runtime.device)
+    set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()),
+                         options=StateDictOptions(full_state_dict=True, strict=False))  # U_p, S_p, Vt_p: the split's
+    si.split_sharded(model)
+    return model
+
 def rank_share(problems, runtime):
     """This rank's problems of a global batch, and the token count that divides its summed loss: the
     global batch's, times the world, so that DDP's mean of the ranks' gradients is one process's gradient."""
@@ -653,7 +667,10 @@ def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=Tr
     the reported numbers, and the model. log(row) gets the test scores at 5 points of the run (curve)
     or at its end only."""
     torch.manual_seed(seed)  # LoRA's initialization
-    model = distribute(prepare(method, base, cfg), runtime)
+    if runtime.fsdp and METHODS[method].adapt is adapt_sorsa:
+        model = sorsa_sharded(method, base, cfg, runtime)
+    else:
+        model = distribute(prepare(method, base, cfg), runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule, scaler = sorsa.cosine_schedule(opt, cfg.steps), runtime.grad_scaler()
