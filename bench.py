@@ -26,6 +26,7 @@ The last line printed is one JSON object with the headline ratios.
 """
 
 import argparse
+import ctypes
 import copy
 import importlib.util
 import json
@@ -537,6 +538,7 @@ def distributed_section():
         fully_shard(block, shard_placement_fn=sorsa_integrations.fsdp_shard_placement(fsdp))
     fully_shard(fsdp)
     local_bytes = sum(l.W_r.to_local().nbytes for _, l in sorsa.sorsa_modules(fsdp))
+    split = sharded_split(rank, world)
     if rank == 0:
         print(f"7. {world} gloo processes, 6 SORSA layers of 1024x1024 at r 16, global batch 64 (each rank 32):")
         print(f"   DDP broadcast per step: {per_step['before'] / 2**20:.1f} MiB with the frozen tensors as buffers "
@@ -548,8 +550,100 @@ def distributed_section():
                           "ddp_broadcast_mib_now": round(per_step["now"] / 2**20, 1),
                           "ddp_step_over_single": round(times["ddp_now"] / single, 3),
                           "ddp_before_over_now": round(times["ddp_before"] / times["ddp_now"], 3),
-                          "fsdp_W_r_per_rank_fraction": round(local_bytes / full_bytes, 3), "world": world}))
+                          "fsdp_W_r_per_rank_fraction": round(local_bytes / full_bytes, 3), "world": world, **split}))
     train_tiny.end_distributed()
+
+
+def base_rows(layer, rows, n):
+    """Rows of a stand-in base weight (n columns), each from a seed of its own: a rank makes its shard alone."""
+    return torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(100_000 * layer + i)) for i in rows])
+
+
+def sharded_split(rank, world, layers=12, size=1024, r=16):
+    """Adapting after sharding (sorsa_integrations.split_sharded), exact and randomized (niter 2), on a model
+    made on the meta device whose ranks each make only their rows of W_0: each rank's peak memory during the
+    split against the model's size, the bytes each rank sends (gather: its shard; broadcast: the factors, once
+    per other rank), and the split's time against one process splitting the whole model (sorsa.apply_sorsa on
+    rank 0). One thread per process (torchrun's default); every process has run one SVD before."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    names, model_bytes = [str(i) for i in range(layers)], layers * size * size * 4
+    ctypes.CDLL(None).mallopt(-3, 1 << 16)  # glibc: M_MMAP_THRESHOLD fixed at 64 KiB, so freed tensors leave
+    # the resident memory at once and its peak counts what was alive together, not the heap's fragments
+    sorsa.svd_split(torch.randn(size, size), r)  # LAPACK's first call sets itself up: not the split's cost
+    sent = [0]
+    real_gather, real_broadcast = dist.gather, dist.broadcast
+
+    def gather(tensor, gather_list=None, dst=0, **kw):
+        sent[0] += tensor.nbytes if dist.get_rank() != dst else 0
+        return real_gather(tensor, gather_list, dst=dst, **kw)
+
+    def broadcast(tensor, src, **kw):
+        sent[0] += tensor.nbytes * (world - 1) if dist.get_rank() == src else 0
+        return real_broadcast(tensor, src, **kw)
+
+    def split_once(niter):
+        """(seconds, peak bytes, bytes sent) of this rank's part of one split_sharded, on a fresh model."""
+        with torch.device("meta"):
+            model = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)])
+        sorsa.apply_sorsa(model, r, names)  # shapes only
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
+                local, first = mod.W_r.to_local(), rank * -(-size // world)
+                local.copy_(base_rows(i, range(first, first + local.shape[0]), size))
+        holds = sum(p.to_local().nbytes for p in model.parameters())
+        sent[0] = 0
+        dist.gather, dist.broadcast = gather, broadcast
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak (VmHWM) from here
+        before, start = resident_kib("VmRSS"), time.perf_counter()
+        sorsa_integrations.split_sharded(model, niter)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        dist.gather, dist.broadcast = real_gather, real_broadcast
+        return seconds, holds + (resident_kib("VmHWM") - before) * 1024, sent[0]
+
+    def one_process(niter):
+        """Seconds one process takes to split the whole model (sorsa.apply_sorsa), on rank 0 while the others wait."""
+        seconds = None
+        if rank == 0:
+            whole = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)]).requires_grad_(False)
+            for i, layer in enumerate(whole):
+                layer.weight.copy_(base_rows(i, range(size), size))
+            start = time.perf_counter()
+            sorsa.apply_sorsa(whole, r, names, niter=niter)
+            seconds = time.perf_counter() - start
+        dist.barrier()
+        return seconds
+
+    summary = {"split_model_mib": round(model_bytes / 2**20, 1)}
+    for label, niter in (("exact", None), ("randomized", 2)):
+        rounds = [(split_once(niter), one_process(niter)) for _ in range(2)]  # the faster of 2: a busy host's noise
+        seconds, single = min(s[0] for s, _ in rounds), min(t for _, t in rounds) if rank == 0 else None
+        _, peak, sent_bytes = rounds[0][0]
+        peaks, sends = [None] * world, [None] * world
+        dist.all_gather_object(peaks, peak)
+        dist.all_gather_object(sends, sent_bytes)
+        if rank == 0:
+            print(f"   adapting after sharding ({label} SVD), {layers} layers of {size}x{size} float32 at r {r} "
+                  f"({model_bytes / 2**20:.0f} MiB): split in {seconds:.2f} s by {world} ranks, {single:.2f} s by "
+                  f"one process alone: {seconds / single:.2f}")
+            layer_bytes = model_bytes / layers
+            for k in range(world):
+                print(f"     rank {k}: peak {peaks[k] / 2**20:.1f} MiB, {peaks[k] / model_bytes:.3f} of the model: its "
+                      f"shards and {(peaks[k] - model_bytes / world) / layer_bytes:.1f} layers' worth more; sent "
+                      f"{sends[k] / 2**20:.1f} MiB")
+        summary |= {f"split_{label}_ranks_over_one": round(seconds / single, 3) if rank == 0 else None,
+                    f"split_{label}_peak_over_model": [round(p / model_bytes, 3) for p in peaks],
+                    f"split_{label}_extra_layers": [round((p - model_bytes / world) / (model_bytes / layers), 1)
+                                                    for p in peaks],
+                    f"split_{label}_sent_mib": [round(b / 2**20, 1) for b in sends]}
+    return summary
 
 
 # ----------------------------------------------------------------------------- 8. against PEFT (--peft)

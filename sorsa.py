@@ -38,14 +38,13 @@ def _wide_dtype(*dtypes):
 @contextlib.contextmanager
 def _ieee_matmuls():
     """IEEE float32 matmuls inside, whatever the caller allows (TF32 on CUDA, bf16 passes in oneDNN on AMX)."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [b.fp32_precision for b in backends]
+    saved = [(b, b.fp32_precision) for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)]
     try:
-        for b in backends:
+        for b, _ in saved:
             b.fp32_precision = "ieee"
         yield
     finally:
-        for b, value in zip(backends, saved):
+        for b, value in saved:
             b.fp32_precision = value
 
 def _check_rank(rank, m=None, n=None, where=""):
@@ -84,19 +83,23 @@ def _orthonormalized(factor):
     Q, R = torch.linalg.qr(factor.double())  # (k, r), (r, r) with a diagonal of ~+-1
     return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(factor.dtype)  # each column kept itself
 
-def _top_triplets(weight, rank, niter):
-    """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1), in float32 or wider (a bf16 SVD fails): exact or randomized."""
+def _factors(weight, rank, niter, factor_dtype):
+    """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1), by an exact or randomized SVD in float32 or wider (a bf16 SVD
+    fails), orthonormalized, in factor_dtype (default: float32, or float64 for a float64 W)."""
     W = weight.detach().to(_wide_dtype(weight.dtype))  # (m, n)
     sketch = rank + max(rank, 10)  # oversampled, for accurate top singular values
-    if niter is None or sketch >= min(W.shape) or W.is_meta:
-        U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
-        return U[:, :rank], S[:rank], Vt[:rank]
-    gen = torch.Generator(device=W.device).manual_seed(0)  # seeded: one weight always gives one split
-    Q = torch.linalg.qr(W @ torch.randn(W.shape[1], sketch, generator=gen, device=W.device, dtype=W.dtype)).Q
-    for _ in range(niter):  # each sharpens a decaying spectrum; QR keeps the basis conditioned
-        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l), l = sketch
-    U_small, S, Vt = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (l, l), (l,), (l, n)
-    return (Q @ U_small)[:, :rank], S[:rank], Vt[:rank]  # (m, r), (r,), (r, n)
+    with torch.no_grad(), _ieee_matmuls():  # the sketch's products too in IEEE float32
+        if niter is None or sketch >= min(W.shape) or W.is_meta:
+            U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
+        else:
+            gen = torch.Generator(device=W.device).manual_seed(0)  # seeded: one weight always gives one split
+            Q = torch.linalg.qr(W @ torch.randn(W.shape[1], sketch, generator=gen, device=W.device, dtype=W.dtype)).Q
+            for _ in range(niter):  # each sharpens a decaying spectrum; QR keeps the basis conditioned
+                Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l), l = sketch
+            U_small, S, Vt = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (l, l), (l,), (l, n)
+            U = Q @ U_small  # (m, l)
+        return tuple(t.to(factor_dtype or W.dtype, memory_format=torch.contiguous_format, copy=True)
+                     for t in (_orthonormalized(U[:, :rank]), S[:rank], _orthonormalized(Vt[:rank].mT).mT))
 
 def svd_split(weight, rank, niter=None, factor_dtype=None):
     """Split W_0 (m, n) into U_p (m, r), S_p (r,), Vt_p (r, n), W_r (m, n) (Eqs. 1-2); niter: randomized SVD. Factors
@@ -104,11 +107,8 @@ def svd_split(weight, rank, niter=None, factor_dtype=None):
     _check_weight(weight)
     _check_rank(rank, *weight.shape)
     _check_split_arguments(niter, factor_dtype)
-    with torch.no_grad(), _ieee_matmuls():  # the sketch's products too in IEEE float32
-        U_p, S_p, Vt_p = _top_triplets(weight, rank, niter)
-        U_p, S_p, Vt_p = (t.to(factor_dtype or _wide_dtype(weight.dtype), memory_format=torch.contiguous_format,
-                               copy=True) for t in (_orthonormalized(U_p), S_p, _orthonormalized(Vt_p.mT).mT))
-        return U_p, S_p, Vt_p, _add_W_p(weight, U_p, S_p, Vt_p, alpha=-1)
+    U_p, S_p, Vt_p = _factors(weight, rank, niter, factor_dtype)
+    return U_p, S_p, Vt_p, _add_W_p(weight, U_p, S_p, Vt_p, alpha=-1)
 
 # ---------------------------------------------------------------------------------- the layer (Eq. 3)
 def _whole(tensor):
@@ -252,9 +252,7 @@ def sorsa_loss(train_loss, model, gamma, lr_max, squared=False, reduction="mean"
         raise TypeError(f"train_loss must be the task loss as a one-element tensor, got {type(train_loss).__name__}; "
                         "the order is sorsa_loss(train_loss, model, gamma, lr_max)")
     _check_gamma(model, gamma, lr_max)
-    if gamma == 0:
-        return train_loss
-    return train_loss + (gamma / lr_max) * orthonormal_regularizer(model, squared, reduction)
+    return train_loss + (gamma / lr_max) * orthonormal_regularizer(model, squared, reduction) if gamma else train_loss
 
 def add_regularizer_grad(model, gamma, lr_max, squared=False, reduction="mean"):
     """Add grad (gamma / lr_max) L_reg (Eq. 6) to the factors' .grad between the clip and optimizer.step(), once a

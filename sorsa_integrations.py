@@ -386,43 +386,51 @@ def _gather_to(param, owner):
     shape[dim] = -(-shape[dim] // world)
     padded = local.new_zeros(shape)
     padded.narrow(dim, 0, local.shape[dim]).copy_(local)
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    whole = padded.new_empty([world * s if d == dim else s for d, s in enumerate(shape)]) if rank == owner else None
+    parts = list(whole.chunk(world, dim)) if rank == owner and dim == 0 else None  # views: no copy after
+    if rank == owner and dim != 0:
+        parts = [torch.empty_like(padded) for _ in range(world)]  # columns: contiguous parts, copied after
     group = param.device_mesh.get_group()
     dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
-    return torch.cat(parts, dim).narrow(dim, 0, param.shape[dim]) if rank == owner else None
+    if rank != owner:
+        return None
+    return (whole if dim == 0 else torch.cat(parts, dim, out=whole)).narrow(dim, 0, param.shape[dim])
 
 
-def _every_rank_agrees(error, group):
-    """Raise on every rank if any rank had an error (its message, with the rank): no rank waits for one that failed."""
-    errors = [None] * (dist.get_world_size(group) if group is not None else 1)
-    if group is None:
-        errors[0] = error
-    else:
-        dist.all_gather_object(errors, error, group=group)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        raise ValueError("split_sharded changed nothing: " + "; ".join(f"rank {r}: {e}" for r, e in failed))
+def _every_rank_agrees(error, group, device):
+    """Raise on every rank if any rank had an error (its message, with the rank): no rank waits for one that failed.
+    One all-reduce of a flag; the messages are gathered only when there is one."""
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=device)  # NCCL: on the GPU
+    if group is not None:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if failed.item():
+        errors = [error] * (dist.get_world_size(group) if group is not None else 1)
+        if group is not None:
+            dist.all_gather_object(errors, error, group=group)
+        raise ValueError("split_sharded changed nothing: " + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors)
+                                                                        if e is not None))
 
 
 def split_sharded(model, niter=None):
     """Compute the SVD split (Eqs. 1-2) of every SORSA layer of a model that FSDP2 has sharded, in place: the
     layers were made on the meta device (apply_sorsa gives the structure), sharded by fully_shard, and each
     W_r loaded with W_0's shard (base_state_for_sorsa). Layer by layer, in turns: layer i's W_0 is gathered
-    on rank i % world alone, which splits it (sorsa.svd_split, exact or randomized with niter) while the
+    on rank i % world alone, which splits it (as sorsa.svd_split, exact or randomized with niter) while the
     other ranks split theirs; its owner then broadcasts U_p (m, r), S_p (r,) and Vt_p (r, n), and every rank
     keeps its shards of them and computes its own part of W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank
-    holds more than one layer's whole W_0 beyond its shards; the factors equal one process's bit for bit,
-    W_r to a rounding. Without torch.distributed (one process, whole tensors) it splits every layer itself.
+    holds more than one layer's whole W_0 beyond its shards; the factors are those svd_split gives for the
+    whole W_0, W_r equal to a rounding. Without torch.distributed (whole tensors) it splits every layer itself.
     Bad input (a non-finite W_0 shard) raises on every rank before anything changes."""
     layers = [mod for _, mod in sorsa.sorsa_modules(model)]
     if not layers:
         raise ValueError("split_sharded found no SORSA layer: call sorsa_integrations.apply_sorsa on the meta "
                          "model first, then fully_shard, then load the base weights")
     group = layers[0].W_r.device_mesh.get_group() if hasattr(layers[0].W_r, "device_mesh") else None
-    world, me = _shard_dim(layers[0].W_r)[1:][::-1]
+    _, me, world = _shard_dim(layers[0].W_r)
+    device = _local(layers[0].W_r).device
     bad = [name for name, mod in sorsa.sorsa_modules(model) if not torch.isfinite(_local(mod.W_r)).all()]
     _every_rank_agrees(f"W_0 of {', '.join(bad)} holds NaN or Inf: load the base weights before splitting"
-                       if bad else None, group)
+                       if bad else None, group, device)
     for start in range(0, len(layers), world):
         turn = layers[start:start + world]  # layer start + k is rank k's to split
         whole = [_gather_to(mod.W_r, k) for k, mod in enumerate(turn)]
@@ -430,11 +438,11 @@ def split_sharded(model, niter=None):
         if me < len(turn):
             try:
                 mod = turn[me]
-                mine = sorsa.svd_split(whole[me], mod.rank, niter, mod.U_p.dtype)[:3]
+                mine = sorsa._factors(whole[me], mod.rank, niter, mod.U_p.dtype)  # no whole W_r: each rank its part
             except Exception as err:  # told to every rank below, so none waits for this one
                 error = f"{type(err).__name__}: {err}"
         del whole
-        _every_rank_agrees(error, group)
+        _every_rank_agrees(error, group, device)
         for k, mod in enumerate(turn):
             factors = mine if k == me else [torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
                                             for p in (mod.U_p, mod.S_p, mod.Vt_p)]

@@ -262,16 +262,14 @@ def split_reference(dtype, niter):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_a_model_sharded_before_its_split_equals_one_process(tmp_path, nproc):
+def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
     """Built on the meta device, adapted there for its shapes, fully_shard-ed, loaded with the base weights
     by set_model_state_dict, then si.split_sharded: each layer split by one rank in turn. Widths 12 and 20,
     so 3 ranks hold 7, 7 and 6 rows of a width-20 W_r and keep a width-20 Vt_p on rows. Against
     sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (float32 SVDs, which
     may run in other threads: 1e-5; bf16 W_r: one bf16 rounding); 3 SGD steps as the other FSDP2 tests;
     the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged."""
-    out = tmp_path / "split"
-    out.mkdir()
-    torchrun(__file__, "split", str(out), nproc=nproc)
+    out = launched("fsdp", "float32", nproc) / "split"  # the FSDP2 worker runs split_cases too: one launch
     for dtype, niter in SPLIT_CASES:
         base, single, x = split_reference(dtype, niter)
         got = torch.load(out / f"{dtype}-{niter}.pt", weights_only=True)
@@ -303,17 +301,15 @@ def test_a_model_sharded_before_its_split_equals_one_process(tmp_path, nproc):
             assert torch.allclose(got["merged"], single(x).float(), atol=10 * tol)
 
 
-def split_worker(out):
+def split_cases(out):
     """Each case of SPLIT_CASES: meta, apply_sorsa, fully_shard, to_empty, a poisoned load refused, the real
-    load, split_sharded; what it gives, gathered, written by rank 0."""
+    load, split_sharded; what it gives, gathered, written by rank 0 into out."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    import train_tiny
-
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(out, exist_ok=True)
     for dtype, niter in SPLIT_CASES:
         base, _, x = split_reference(dtype, niter)
         model = copy.deepcopy(base).to("meta")  # as built with torch.device("meta"): shapes, no memory
@@ -353,7 +349,6 @@ def split_worker(out):
         if rank == 0:
             torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged,
                         "trained": trained, "merged": merged}, os.path.join(out, f"{dtype}-{niter}.pt"))
-    train_tiny.end_distributed()
 
 
 # ----------------------------------------------------------------------------- the worker, run by torchrun
@@ -412,6 +407,8 @@ def worker(engine, dtype, out):
         tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), rt)
         tiny_steps(tiny, rt)
         torch.save(sorsa.adapter_state_dict(tiny), os.path.join(out, f"tiny{rank}.pt"))
+    if engine == "fsdp" and dtype == "float32":  # adapting after sharding: test_a_model_sharded_before_...
+        split_cases(os.path.join(out, "split"))
     if rank == 0:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f)
@@ -419,4 +416,4 @@ def worker(engine, dtype, out):
 
 
 if __name__ == "__main__":
-    split_worker(sys.argv[2]) if sys.argv[1] == "split" else worker(*sys.argv[1:])
+    worker(*sys.argv[1:])

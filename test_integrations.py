@@ -647,3 +647,49 @@ def test_sorsa_alone_adapts_plain_linear_layers_and_names_the_subclasses_it_leav
     with pytest.raises(TypeError, match="q matches the targets but is PlainLinearSubclass, an nn.Linear subclass"):
         sorsa.apply_sorsa(fresh, 3, ["q", "up"])
     assert_unchanged(fresh, snap)
+
+
+# ----------------------------------------------------------------------------- the split after sharding, one process
+
+
+def unsplit(base, rank, targets=None):
+    """base's structure adapted on the meta device, then materialized holding garbage, as before a load."""
+    model = copy.deepcopy(base).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied head, left out and named: tested elsewhere
+        apply_sorsa(model, rank, targets)
+    return model.to_empty(device="cpu")
+
+
+@pytest.mark.parametrize("make, targets", [(toy_model, ["q_proj", "v_proj", "up", "down"]), (gpt2_like, None)])
+@pytest.mark.parametrize("niter", [None, 2])
+def test_split_in_one_process_is_apply_sorsa_on_the_loaded_base(make, targets, niter):
+    """Without torch.distributed, split_sharded on a model adapted on meta and loaded through base_state_for_sorsa
+    (Conv1D's (in, out) weights transposed) is sorsa.apply_sorsa on the base: the same computation, bit for bit."""
+    base = make(0)
+    expected = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sorsa.apply_sorsa(expected, 3, targets, niter=niter)
+    model = unsplit(base, 3, targets)
+    model.load_state_dict(si.base_state_for_sorsa(model, base.state_dict()), strict=False)
+    si.split_sharded(model, niter)
+    got = model.state_dict()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(got[key], value), key
+
+
+def test_split_refuses_what_it_cannot_split_before_changing_anything():
+    base = toy_model(0)
+    with pytest.raises(ValueError, match="found no SORSA layer: call sorsa_integrations.apply_sorsa on the meta"):
+        si.split_sharded(base)
+    model = unsplit(base, 3, ["q_proj", "up"])
+    with pytest.raises(KeyError, match="the base state has no '0.q_proj.weight' for SORSA layer '0.q_proj'"):
+        si.base_state_for_sorsa(model, {})
+    state = base.state_dict()
+    state["1.up.weight"][0, 0] = float("nan")
+    model.load_state_dict(si.base_state_for_sorsa(model, state), strict=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"changed nothing: rank 0: W_0 of 1.up holds NaN or Inf"):
+        si.split_sharded(model)
+    assert all(torch.equal(before[k].view(torch.uint8), v.view(torch.uint8)) for k, v in model.state_dict().items())
