@@ -562,7 +562,7 @@ def base_rows(layer, rows, n):
 def sharded_split(rank, world, layers=12, size=1024, r=16):
     """Adapting after sharding (sorsa_integrations.split_sharded), exact and randomized (niter 2), on a model
     made on the meta device whose ranks each make only their rows of W_0: each rank's peak memory during the
-    split against the model's size, the bytes each rank sends (gather: its shard; broadcast: the factors, once
+    split against the model's size, the bytes each rank sends (its shards to their owners; broadcast: the factors, once
     per other rank), and the split's time against one process splitting the whole model (sorsa.apply_sorsa on
     rank 0). One thread per process (torchrun's default); every process has run one SVD before."""
     import torch.distributed as dist
@@ -572,11 +572,11 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
     # the resident memory at once and its peak counts what was alive together, not the heap's fragments
     sorsa.svd_split(torch.randn(size, size), r)  # LAPACK's first call sets itself up: not the split's cost
     sent = [0]
-    real_gather, real_broadcast = dist.gather, dist.broadcast
+    real_send, real_broadcast = dist.send, dist.broadcast
 
-    def gather(tensor, gather_list=None, dst=0, **kw):
-        sent[0] += tensor.nbytes if dist.get_rank() != dst else 0
-        return real_gather(tensor, gather_list, dst=dst, **kw)
+    def send(tensor, dst, **kw):
+        sent[0] += tensor.nbytes
+        return real_send(tensor, dst, **kw)
 
     def broadcast(tensor, src, **kw):
         sent[0] += tensor.nbytes * (world - 1) if dist.get_rank() == src else 0
@@ -597,15 +597,16 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
                 local.copy_(base_rows(i, range(first, first + local.shape[0]), size))
         holds = sum(p.to_local().nbytes for p in model.parameters())
         sent[0] = 0
-        dist.gather, dist.broadcast = gather, broadcast
+        dist.send, dist.broadcast = send, broadcast
         dist.barrier()
+        ctypes.CDLL(None).malloc_trim(0)  # free memory back to the system: the resident memory is what is alive
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak (VmHWM) from here
         before, start = resident_kib("VmRSS"), time.perf_counter()
         sorsa_integrations.split_sharded(model, niter)
         dist.barrier()
         seconds = time.perf_counter() - start
-        dist.gather, dist.broadcast = real_gather, real_broadcast
+        dist.send, dist.broadcast = real_send, real_broadcast
         return seconds, holds + (resident_kib("VmHWM") - before) * 1024, sent[0]
 
     def one_process(niter):

@@ -376,30 +376,36 @@ def _local(param):
 
 
 def _gather_to(param, owner):
-    """The whole of a sharded (m, n) parameter on rank `owner` alone (None elsewhere): each rank sends its
-    shard, padded to the chunk size; a whole tensor is returned as it is on every rank."""
+    """The whole (m, n) of a sharded parameter on rank `owner` alone (None elsewhere), received shard by shard into
+    one buffer (point to point: no gathered copy beside it); a whole tensor is returned as it is on every rank."""
     dim, rank, world = _shard_dim(param)
     local = _local(param).detach()
     if world == 1:
         return local
-    shape = list(param.shape)
-    shape[dim] = -(-shape[dim] // world)
-    padded = local.new_zeros(shape)
-    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
-    whole = padded.new_empty([world * s if d == dim else s for d, s in enumerate(shape)]) if rank == owner else None
-    parts = list(whole.chunk(world, dim)) if rank == owner and dim == 0 else None  # views: no copy after
-    if rank == owner and dim != 0:
-        parts = [torch.empty_like(padded) for _ in range(world)]  # columns: contiguous parts, copied after
     group = param.device_mesh.get_group()
-    dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
     if rank != owner:
+        if local.numel():
+            dist.send(local.contiguous(), dst=dist.get_global_rank(group, owner), group=group)
         return None
-    return (whole if dim == 0 else torch.cat(parts, dim, out=whole)).narrow(dim, 0, param.shape[dim])
+    whole = local.new_empty(param.shape)
+    size = -(-param.shape[dim] // world)
+    parts = [whole.narrow(dim, min(k * size, param.shape[dim]), max(0, min(size, param.shape[dim] - k * size)))
+             for k in range(world)]
+    received = [p if dim == 0 else torch.empty_like(p) for p in parts]  # a column block is not contiguous
+    waits = [dist.irecv(received[k], src=dist.get_global_rank(group, k), group=group)
+             for k in range(world) if k != owner and parts[k].numel()]
+    received[owner].copy_(local)
+    for work in waits:
+        work.wait()
+    for part, got in zip(parts, received):
+        if got is not part:
+            part.copy_(got)
+    return whole
 
 
-def _every_rank_agrees(error, group, device):
-    """Raise on every rank if any rank had an error (its message, with the rank): no rank waits for one that failed.
-    One all-reduce of a flag; the messages are gathered only when there is one."""
+def _every_rank_agrees(error, group, device, done):
+    """Raise on every rank if any rank had an error (its message, with the rank, after `done`, what the split has
+    changed): no rank waits for one that failed. One all-reduce of a flag; the messages are gathered only then."""
     failed = torch.tensor([error is not None], dtype=torch.int32, device=device)  # NCCL: on the GPU
     if group is not None:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
@@ -407,8 +413,8 @@ def _every_rank_agrees(error, group, device):
         errors = [error] * (dist.get_world_size(group) if group is not None else 1)
         if group is not None:
             dist.all_gather_object(errors, error, group=group)
-        raise ValueError("split_sharded changed nothing: " + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors)
-                                                                        if e is not None))
+        raise ValueError(f"split_sharded {done}: " + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors)
+                                                              if e is not None))
 
 
 def split_sharded(model, niter=None):
@@ -430,7 +436,7 @@ def split_sharded(model, niter=None):
     device = _local(layers[0].W_r).device
     bad = [name for name, mod in sorsa.sorsa_modules(model) if not torch.isfinite(_local(mod.W_r)).all()]
     _every_rank_agrees(f"W_0 of {', '.join(bad)} holds NaN or Inf: load the base weights before splitting"
-                       if bad else None, group, device)
+                       if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):
         turn = layers[start:start + world]  # layer start + k is rank k's to split
         whole = [_gather_to(mod.W_r, k) for k, mod in enumerate(turn)]
@@ -442,7 +448,8 @@ def split_sharded(model, niter=None):
             except Exception as err:  # told to every rank below, so none waits for this one
                 error = f"{type(err).__name__}: {err}"
         del whole
-        _every_rank_agrees(error, group, device)
+        _every_rank_agrees(error, group, device, f"split {start} of {len(layers)} layers before this error, the rest "
+                           "still hold W_0 (load the base weights again and split again)" if start else "changed nothing")
         for k, mod in enumerate(turn):
             factors = mine if k == me else [torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
                                             for p in (mod.U_p, mod.S_p, mod.Vt_p)]

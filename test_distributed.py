@@ -268,7 +268,8 @@ def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
     so 3 ranks hold 7, 7 and 6 rows of a width-20 W_r and keep a width-20 Vt_p on rows. Against
     sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (float32 SVDs, which
     may run in other threads: 1e-5; bf16 W_r: one bf16 rounding); 3 SGD steps as the other FSDP2 tests;
-    the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged."""
+    the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged; an
+    SVD failing on the last rank in the second turn raises on every rank, saying how far the split got."""
     out = launched("fsdp", "float32", nproc) / "split"  # the FSDP2 worker runs split_cases too: one launch
     for dtype, niter in SPLIT_CASES:
         base, single, x = split_reference(dtype, niter)
@@ -285,6 +286,8 @@ def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
             assert torch.allclose(got["output"], single(x).float(), rtol=0, atol=tol * 10)
             assert got["refused"].startswith("split_sharded changed nothing: rank") and "NaN" in got["refused"]
             assert got["unchanged"]
+            assert got["midway"].startswith(f"split_sharded split {nproc} of 8 layers before this error, the rest still "
+                                            "hold W_0") and f"rank {nproc - 1}: _LinAlgError: the SVD did not" in got["midway"]
         off_orthonormality(single)
         train(single, x, torch.sin(3 * x), "fsdp")
         for k, v in sorsa.adapter_state_dict(single).items():
@@ -332,6 +335,23 @@ def split_cases(out):
         unchanged = all(torch.equal(before[k].flatten().view(torch.uint8), v.to_local().flatten().view(torch.uint8))
                         for k, v in model.state_dict().items())  # bit for bit: to_empty's memory may hold NaN
         set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
+        real_factors = sorsa._factors
+        calls = []
+
+        def failing(*args):  # the last rank's second layer: the others must not wait for its broadcast
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.linalg.LinAlgError("the SVD did not converge")
+            return real_factors(*args)
+        if rank == world - 1:
+            sorsa._factors = failing
+        try:
+            si.split_sharded(model, niter)
+            midway = ""
+        except ValueError as err:
+            midway = str(err)
+        sorsa._factors = real_factors
+        set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)  # again
         si.split_sharded(model, niter)
         split = {k: v.full_tensor() for k, v in model.state_dict().items() if "." in k and k.rsplit(".", 1)[1] in
                  ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r")}
@@ -347,7 +367,7 @@ def split_cases(out):
         with torch.no_grad():
             merged = model(x).float()
         if rank == 0:
-            torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged,
+            torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged, "midway": midway,
                         "trained": trained, "merged": merged}, os.path.join(out, f"{dtype}-{niter}.pt"))
 
 

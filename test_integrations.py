@@ -693,3 +693,26 @@ def test_split_refuses_what_it_cannot_split_before_changing_anything():
     with pytest.raises(ValueError, match=r"changed nothing: rank 0: W_0 of 1.up holds NaN or Inf"):
         si.split_sharded(model)
     assert all(torch.equal(before[k].view(torch.uint8), v.view(torch.uint8)) for k, v in model.state_dict().items())
+
+
+def test_a_split_that_fails_midway_says_how_far_it_got(monkeypatch):
+    """A failure no check can foresee (an SVD that does not converge, out of memory) in a later turn: the error
+    says how many layers the earlier turns split and what to do; the first turn's failure changed nothing."""
+    base = toy_model(0)
+    real, calls = sorsa._factors, []
+
+    def fails_on(n):
+        def factors(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise torch.linalg.LinAlgError("the SVD did not converge")
+            return real(*args)
+        return factors
+    for n, words in ((3, "split 2 of 4 layers before this error, the rest still hold W_0"), (1, "changed nothing")):
+        calls.clear()
+        monkeypatch.setattr(sorsa, "_factors", real)  # the structure on meta splits too (shapes only)
+        model = unsplit(base, 3, ["q_proj", "up"])
+        model.load_state_dict(si.base_state_for_sorsa(model, base.state_dict()), strict=False)
+        monkeypatch.setattr(sorsa, "_factors", fails_on(n))
+        with pytest.raises(ValueError, match=f"split_sharded {words}.*rank 0: _LinAlgError: the SVD did not converge"):
+            si.split_sharded(model)

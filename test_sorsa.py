@@ -8,6 +8,7 @@ the device also run on CUDA when a GPU is visible, and are skipped, saying so, w
 """
 
 import copy
+import itertools
 import math
 import pathlib
 import re
@@ -1205,11 +1206,17 @@ def test_bench_reads_the_singular_values_of_a_low_rank_product_from_its_core(cas
 # ----------------------------------------------------------------------------- README
 
 
-def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch, capsys):
-    """The README's first snippet: the loss it prints falls, L_reg stays small, and the merged model
-    equals the adapter loaded onto the original, as the printed difference says."""
+def test_readme_usage_example_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
+    """The README's first snippet runs, and what it prints is the README's output to the stated tolerances, which
+    another CPU's rounding stays within (measured: L_reg at step 50 2.3e-03 on the Intel Xeon, 2.0e-03 on the AMD
+    EPYC): each loss to 0.01; each L_reg to a factor of 2 but step 0's, float32 rounding of the SVD's
+    orthonormality, below 1e-5 as the README says; the merged model against the loaded adapter below 1e-5. The
+    loss falls and L_reg ends near 0; the merged model equals the adapter loaded onto the original."""
     readme = (pathlib.Path(__file__).parent / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    after = readme.split(code, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(after) if line.startswith("    "))  # the indented output block
+    shown = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("    "), after[start:])]
     monkeypatch.chdir(tmp_path)  # it writes adapter.pt
     namespace = {}
     exec(code, namespace)
@@ -1219,10 +1226,16 @@ def test_readme_usage_example_runs_and_does_what_it_says(tmp_path, monkeypatch, 
     with torch.no_grad():  # merged fine-tuned model == original model with the adapter loaded
         assert torch.allclose(model(x), base(x), atol=1e-5)
     printed = capsys.readouterr().out.splitlines()
-    losses = [float(re.search(r"loss ([0-9.]+)", line).group(1)) for line in printed[:-1]]
-    regs = [float(re.search(r"L_reg ([0-9.e+-]+)", line).group(1)) for line in printed[:-1]]
-    assert len(losses) == 5 and losses[-1] < losses[0] and max(regs) < 1e-2 and regs[-1] < 1e-4
-    assert float(printed[-1].rsplit(" ", 1)[1]) < 1e-5
+    assert len(printed) == len(shown) == 6
+
+    def numbers(lines, pattern):
+        return [float(re.search(pattern, line).group(1)) for line in lines[:-1]]
+    losses, regs = numbers(printed, r"loss ([0-9.]+)"), numbers(printed, r"L_reg ([0-9.e+-]+)")
+    assert [line.split()[1] for line in printed[:-1]] == [line.split()[1] for line in shown[:-1]]  # the steps
+    assert all(abs(a - b) <= 0.01 for a, b in zip(losses, numbers(shown, r"loss ([0-9.]+)")))
+    assert regs[0] < 1e-5 and all(b / 2 <= a <= 2 * b for a, b in zip(regs[1:], numbers(shown, r"L_reg ([0-9.e+-]+)")[1:]))
+    assert losses[-1] < losses[0] and max(regs) < 1e-2 and regs[-1] < 1e-4
+    assert float(printed[-1].rsplit(" ", 1)[1]) < 1e-5 and float(shown[-1].rsplit(" ", 1)[1]) < 1e-5
 
 
 # ----------------------------------------------------------------------------- the file a learner copies
