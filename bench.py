@@ -593,8 +593,8 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
         model.to_empty(device="cpu")
         with torch.no_grad():
             for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
-                local, first = mod.W_r.to_local(), rank * -(-size // world)
-                local.copy_(base_rows(i, range(first, first + local.shape[0]), size))
+                rows = sorsa_integrations._part(torch.arange(size), mod.W_r).tolist()  # this rank's, as FSDP2 cuts
+                mod.W_r.to_local().copy_(base_rows(i, rows, size))
         holds = sum(p.to_local().nbytes for p in model.parameters())
         sent[0] = 0
         dist.send, dist.broadcast = send, broadcast

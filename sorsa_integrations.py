@@ -363,12 +363,16 @@ def _shard_dim(param):
     return param.placements[0].dim, mesh.get_local_rank(), mesh.size()
 
 
-def _part(full, param):
-    """The rows (or columns) of `full` that `param` holds on this rank: FSDP2's torch.chunk-style shard."""
-    dim, rank, world = _shard_dim(param)
+def _chunk(full, dim, rank, world):
+    """Rank `rank`'s rows (dim 0) or columns (dim 1) of `full` among `world`: FSDP2's torch.chunk-style shard."""
     size = -(-full.shape[dim] // world)  # the last ranks hold fewer, or none
     start = min(rank * size, full.shape[dim])
     return full.narrow(dim, start, min(size, full.shape[dim] - start))
+
+
+def _part(full, param):
+    """The rows (or columns) of `full` that `param` holds on this rank."""
+    return _chunk(full, *_shard_dim(param))
 
 
 def _local(param):
@@ -388,9 +392,7 @@ def _gather_to(param, owner):
             dist.send(local.contiguous(), dst=dist.get_global_rank(group, owner), group=group)
         return None
     whole = local.new_empty(param.shape)
-    size = -(-param.shape[dim] // world)
-    parts = [whole.narrow(dim, min(k * size, param.shape[dim]), max(0, min(size, param.shape[dim] - k * size)))
-             for k in range(world)]
+    parts = [_chunk(whole, dim, k, world) for k in range(world)]
     received = [p if dim == 0 else torch.empty_like(p) for p in parts]  # a column block is not contiguous
     waits = [dist.irecv(received[k], src=dist.get_global_rank(group, k), group=group)
              for k in range(world) if k != owner and parts[k].numel()]
@@ -420,21 +422,23 @@ def _every_rank_agrees(error, group, device, done):
 def split_sharded(model, niter=None):
     """Compute the SVD split (Eqs. 1-2) of every SORSA layer of a model that FSDP2 has sharded, in place: the
     layers were made on the meta device (apply_sorsa gives the structure), sharded by fully_shard, and each
-    W_r loaded with W_0's shard (base_state_for_sorsa). Layer by layer, in turns: layer i's W_0 is gathered
+    W_r loaded with W_0's shard (base_state_for_sorsa). Layer by layer, in turns: layer i's W_0 is received
     on rank i % world alone, which splits it (as sorsa.svd_split, exact or randomized with niter) while the
     other ranks split theirs; its owner then broadcasts U_p (m, r), S_p (r,) and Vt_p (r, n), and every rank
     keeps its shards of them and computes its own part of W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank
     holds more than one layer's whole W_0 beyond its shards; the factors are those svd_split gives for the
     whole W_0, W_r equal to a rounding. Without torch.distributed (whole tensors) it splits every layer itself.
-    Bad input (a non-finite W_0 shard) raises on every rank before anything changes."""
-    layers = [mod for _, mod in sorsa.sorsa_modules(model)]
+    Bad input (a non-finite W_0 shard) raises on every rank before anything changes; a failed SVD raises on
+    every rank, naming how many layers the earlier turns split."""
+    found = sorsa.sorsa_modules(model)
+    layers = [mod for _, mod in found]
     if not layers:
         raise ValueError("split_sharded found no SORSA layer: call sorsa_integrations.apply_sorsa on the meta "
                          "model first, then fully_shard, then load the base weights")
     group = layers[0].W_r.device_mesh.get_group() if hasattr(layers[0].W_r, "device_mesh") else None
     _, me, world = _shard_dim(layers[0].W_r)
     device = _local(layers[0].W_r).device
-    bad = [name for name, mod in sorsa.sorsa_modules(model) if not torch.isfinite(_local(mod.W_r)).all()]
+    bad = [name for name, mod in found if not torch.isfinite(_local(mod.W_r)).all()]
     _every_rank_agrees(f"W_0 of {', '.join(bad)} holds NaN or Inf: load the base weights before splitting"
                        if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):
