@@ -551,7 +551,7 @@ def distributed_section():
                           "ddp_step_over_single": round(times["ddp_now"] / single, 3),
                           "ddp_before_over_now": round(times["ddp_before"] / times["ddp_now"], 3),
                           "fsdp_W_r_per_rank_fraction": round(local_bytes / full_bytes, 3), "world": world, **split}))
-    train_tiny.end_distributed()
+    sorsa_integrations.end_distributed()
 
 
 def base_rows(layer, rows, n):

@@ -7,7 +7,8 @@
   apply_sorsa and load_adapter here do all that sorsa's do, and these.
 - Files: adapters written atomically with a checksum, by rank 0 alone under torch.distributed;
   the learned change exported as a PEFT LoRA adapter (adapter_model.safetensors).
-- FSDP2: a shard placement that keeps the regularizer's all-reduces r x r.
+- FSDP2: a shard placement that keeps the regularizer's all-reduces r x r; the split of a model that
+  exists only in shards; a torchrun process's end on gloo.
 
 Hugging Face users import this module beside sorsa: `import sorsa, sorsa_integrations as si`.
 """
@@ -17,6 +18,7 @@ import difflib
 import hashlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -333,6 +335,17 @@ def fsdp_shard_placement(model, world_size=None):
     by_columns = {id(p) for _, mod in sorsa.sorsa_modules(model) for p in (mod.Vt_p, mod.Vt_p0)
                   if p.shape[1] % world == 0}
     return lambda param: Shard(1) if id(param) in by_columns else None
+
+
+def end_distributed():
+    """The end of a torchrun process on gloo: destroy the process group, then exit at once, without Python's
+    finalization. Under FSDP2 the gloo group outlives destroy_process_group (DTensor's caches hold its mesh),
+    and a gloo worker thread that frees a tensor while Python finalizes aborts the process ("terminate called
+    without an active exception", pytorch#190489; 1 launch in 5 on 2 busy cores): docs/scaling.md."""
+    dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- the split of a model FSDP2 has sharded

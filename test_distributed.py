@@ -1,6 +1,7 @@
-"""SORSA under DDP and FSDP2: 2 gloo processes started by torchrun, compared with one process.
+"""SORSA under DDP and FSDP2: 2 (and, marked slow, 3) gloo processes started by torchrun, against one process.
 
-Each test runs this file as torchrun's script (the worker at the bottom). torchrun --standalone
+The tests read what one launch of this file as torchrun's script (the worker at the bottom) wrote: one
+launch of 2 processes runs every 2-process case, to pay torch's start-up once. torchrun --standalone
 picks a free port; a child that fails or hangs fails the test with its output (tracebacks
 included) after a timeout, never hangs CI. The worker writes what it measured; the test
 asserts. Tolerances: float32 reductions in another order, a few eps_32 of the values.
@@ -26,7 +27,8 @@ import sorsa
 import sorsa_integrations as si
 
 STEPS, LR, GAMMA = 3, 0.05, 0.05  # SGD: the factors move linearly in the gradients, so any error shows
-TIMEOUT = 120  # seconds for one torchrun launch; normal runs take 5-15 s
+TIMEOUT = 180  # seconds for one torchrun launch; normal runs take 10-40 s
+CASES = {2: ["ddp-float32", "fsdp-float32", "fsdp-bfloat16"], 3: ["fsdp-float32"]}  # the cases one launch runs
 
 
 def torchrun(*args, nproc=2):
@@ -66,12 +68,14 @@ def stop(proc, marker):
             pass
 
 
+WIDTHS = dict(d=12, h=25)  # 2 and 3 ranks shard 12 evenly, 25 not (13 + 12, 9 + 9 + 7 rows; Vt_p kept on rows)
+
+
 def model_and_batch(dtype):
-    """A small adapted model and a global batch of 12. The widths are 12 and 20: 2 ranks hold half of
-    every tensor, 3 ranks cannot shard a width of 20 by columns. The factors are moved off
+    """A small adapted model (widths WIDTHS) and a global batch of 12. The factors are moved off
     orthonormality so the regularizer has a gradient."""
     from test_sorsa import rand, toy_model
-    base = toy_model(0, d=12, h=20, dtype=dtype)
+    base = toy_model(0, **WIDTHS, dtype=dtype)
     model = copy.deepcopy(base)
     sorsa.apply_sorsa(model, 4, ["q_proj", "v_proj", "up", "down"])
     with torch.no_grad():
@@ -100,23 +104,26 @@ def train(model, x, target, engine, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """launched(engine, dtype, nproc): the folder of one worker launch, each launched once per session."""
+    """launched(engine, dtype, nproc): the folder of that case, from the one launch of nproc processes that
+    runs every case of CASES[nproc] (launched the first time a test asks for it)."""
     folders = {}
 
     def launch(engine, dtype, nproc=2):
-        if (engine, dtype, nproc) not in folders:
-            folder = tmp_path_factory.mktemp(f"{engine}-{dtype}-{nproc}")
-            torchrun(__file__, engine, dtype, str(folder), nproc=nproc)
-            folders[engine, dtype, nproc] = folder
-        return folders[engine, dtype, nproc]
+        if nproc not in folders:
+            folders[nproc] = tmp_path_factory.mktemp(f"launch-{nproc}")
+            torchrun(__file__, str(folders[nproc]), *CASES[nproc], nproc=nproc)
+        return folders[nproc] / f"{engine}-{dtype}"
     return launch
 
 
+SLOW = pytest.mark.slow  # the 3-process launch: 3 processes on 2 cores, 35-45 s
+
+
 @pytest.mark.parametrize("engine, dtype, nproc", [("ddp", "float32", 2), ("fsdp", "float32", 2), ("fsdp", "bfloat16", 2),
-                                                  ("fsdp", "float32", 3)])
+                                                  pytest.param("fsdp", "float32", 3, marks=SLOW)])
 def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, engine, dtype, nproc):
-    """DDP and FSDP2 against one process, 2 ranks, and 3 ranks, where fsdp_shard_placement keeps the
-    width-20 Vt_p on rows (FSDP2 cannot shard 20 columns 3 ways) and its Gram is gathered."""
+    """DDP and FSDP2 against one process, with 2 ranks and (slow) 3, where fsdp_shard_placement keeps the
+    width-25 Vt_p on rows (FSDP2 cannot shard 25 columns 2 or 3 ways) and its Gram is gathered."""
     tmp_path = launched(engine, dtype, nproc)
     report = json.loads((tmp_path / "report.json").read_text())
     base, single, x, target = model_and_batch(getattr(torch, dtype))
@@ -254,18 +261,18 @@ def off_orthonormality(model):
 def split_reference(dtype, niter):
     """One process: the base model, and it adapted whole (sorsa.apply_sorsa), with an input batch of 12."""
     from test_sorsa import rand, toy_model
-    base = toy_model(0, d=12, h=20, dtype=getattr(torch, dtype))
+    base = toy_model(0, **WIDTHS, dtype=getattr(torch, dtype))
     model = copy.deepcopy(base)
     sorsa.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
     x = rand(12, 12, seed=7, dtype=base[0].q_proj.weight.dtype)
     return base, model, x
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=SLOW)])
 def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
     """Built on the meta device, adapted there for its shapes, fully_shard-ed, loaded with the base weights
-    by set_model_state_dict, then si.split_sharded: each layer split by one rank in turn. Widths 12 and 20,
-    so 3 ranks hold 7, 7 and 6 rows of a width-20 W_r and keep a width-20 Vt_p on rows. Against
+    by set_model_state_dict, then si.split_sharded: each layer split by one rank in turn. Widths WIDTHS,
+    so the ranks hold uneven rows (13 + 12, 9 + 9 + 7) of a width-25 W_r and keep a width-25 Vt_p on rows. Against
     sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (float32 SVDs, which
     may run in other threads: 1e-5; bf16 W_r: one bf16 rounding); 3 SGD steps as the other FSDP2 tests;
     the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged; an
@@ -375,14 +382,27 @@ def split_cases(out):
 
 
 
-def worker(engine, dtype, out):
+def worker(folder, *cases):
+    """Each case ("ddp-float32", ...) in one process group, each writing into folder/case."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    for case in cases:
+        out = os.path.join(folder, case)
+        os.makedirs(out, exist_ok=True)
+        run_case(*case.split("-"), out)
+    si.end_distributed()  # not a plain destroy_process_group: its docstring says why
+
+
+def run_case(engine, dtype, out):
+    """One case: DDP or FSDP2 training, the saves and the merge; under DDP train_tiny's step too, and under
+    FSDP2 in float32 the split after sharding (split_cases)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     import train_tiny
 
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     _, model, x, target = model_and_batch(getattr(torch, dtype))
     report = {"regularizer_before": None, "broadcast_bytes": sum(b.nbytes for b in model.buffers())}
@@ -405,12 +425,13 @@ def worker(engine, dtype, out):
     report["regularizer_after"] = sorsa.orthonormal_regularizer(wrapped).item()
     gathered = sorsa.adapter_state_dict(wrapped)  # every rank: FSDP2's shards gathered
     torch.save(gathered, os.path.join(out, f"rank{rank}.pt"))
+    real_replace = os.replace
     if rank == 0:  # rank 0 writes slowly: a rank that returned before the file is complete would not find it
-        real_replace = os.replace
         os.replace = lambda *paths: (time.sleep(0.5), real_replace(*paths))[1]
     si.save_adapter(wrapped, os.path.join(out, "adapter.pt"))  # rank 0 writes
     loaded = si.load_checked(os.path.join(out, "adapter.pt"))[0] if rank == 1 else None  # at once
     si.save_lora(wrapped, os.path.join(out, "lora"))
+    os.replace = real_replace  # the next writes at full speed
     try:  # rank 0 cannot write here: every rank raises, none waits for it
         si.save_adapter(wrapped, os.path.join(out, "no such folder", "adapter.pt"))
     except (OSError, RuntimeError) as err:
@@ -432,7 +453,6 @@ def worker(engine, dtype, out):
     if rank == 0:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f)
-    train_tiny.end_distributed()  # not a plain destroy_process_group: its docstring says why
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def test_theorem_5_3_gradient_descent_on_the_paper_form_settles_only_into_a_band
     assert 3.9 * step <= sum(history[-100:]) / 100 <= 4.1 * step
 
 
+@COSTLY
 @given(shapes, st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 1e-2]))
 def test_theorem_5_3_under_adamw_the_regularizers_scale_does_not_matter(shape, seed, lr):
     """Adam divides each gradient by its running size: multiplying L_reg (alone) by 1000 changes

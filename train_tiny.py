@@ -16,14 +16,12 @@ held-out pretraining text and the change of arithmetic accuracy, against the bas
     python train_tiny.py --seeds 3        # every method on seeds 0-2: mean +- std
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
-In this file, top to bottom: the data, the model, the methods (one table), the run's settings, where
-it runs (device, autocast, torchrun: the one place that knows about processes), the training step
-(`optimizer_step`: the lines to copy), the base model, evaluation, fine-tuning, the report. The
-comparison with each method at its own learning rate, chosen on validation, is theory/comparison.py.
+Top to bottom: data, model, methods (one table), settings, where it runs (the one place that knows
+about devices and processes), the training step (`optimizer_step`: the lines to copy), the base model,
+evaluation, fine-tuning, report. Each method at its own validated learning rate: theory/comparison.py.
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -33,7 +31,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -138,10 +135,6 @@ def problem_batch(problems, device):
         x[i, :len(ids) - 1], y[i, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
         mask[i, len(prompt):len(ids) - 1] = True  # predicting " answer\n" after the prompt
     return x.to(device), y.to(device), mask.to(device)
-
-def answer_tokens(problems):
-    """How many answer tokens a batch of problems scores: len(" answer\n")."""
-    return sum(len(a) + 1 for _, a in problems)
 
 # ----------------------------------------------------------------------------- the tiny GPT
 
@@ -251,9 +244,6 @@ def adapt_low_rank(init, model, targets, rank):
     for name in target_names(model, targets):
         model.set_submodule(name, init(model.get_submodule(name), rank))  # new A and B: trainable
 
-def train_everything(model, targets, rank):
-    model.requires_grad_(True)
-
 @dataclass(frozen=True)
 class Method:
     adapt: callable  # adapt(model, targets, rank): makes a copy of the base model trainable the method's way
@@ -266,7 +256,7 @@ METHODS = {
     "sorsa_g0": Method(adapt_sorsa, 1.5),  # SORSA without its regularizer: gamma = 0
     "pissa": Method(functools.partial(adapt_low_rank, LowRankLinear.pissa)),
     "lora": Method(functools.partial(adapt_low_rank, LowRankLinear.lora)),
-    "full": Method(train_everything),
+    "full": Method(lambda model, targets, rank: model.requires_grad_(True)),
     "sorsa_sq": Method(adapt_sorsa, 1.5, regularized=True, squared=True),
 }
 
@@ -286,10 +276,8 @@ class Config:
     rank: int = 8
     steps: int = 300  # fine-tuning steps per method
     lr: float = 2e-3  # LoRA, PiSSA and full fine-tuning; SORSA gets 1.5x, as in the paper (3e-5 vs 2e-5)
-    # gamma / (SORSA's lr) on sorsa.py's default scale, the authors': L_reg is the mean over the 36
-    # factor matrices. Chosen on validation from the paper's effective 0.208 (which did as well: not
-    # established either way), 0.4, 1.2, 3.6 and its nominal 13.3, which drowns this task's gradients
-    # (python -m theory.gamma; docs/gamma.md).
+    # gamma / SORSA's lr, L_reg the mean over the 36 factor matrices (the authors' scale): chosen on validation
+    # over the paper's effective 0.208 (as good: not established either way) to its nominal 13.3 (docs/gamma.md)
     gamma_ratio: float = 0.4
     batch_size: int = 32  # the global batch; under torchrun each rank takes its share
     seeds: int = 1  # repeat every method with seeds 0 .. seeds-1; mean +- std
@@ -451,7 +439,7 @@ def sorsa_sharded(method, base, cfg, runtime):
 def rank_share(problems, runtime):
     """This rank's problems of a global batch, and the token count that divides its summed loss: the
     global batch's, times the world, so that DDP's mean of the ranks' gradients is one process's gradient."""
-    return problems[runtime.rank::runtime.world], answer_tokens(problems) / runtime.world
+    return problems[runtime.rank::runtime.world], sum(len(a) + 1 for _, a in problems) / runtime.world  # " answer\n"
 
 def mean_over_ranks(value, runtime):
     """A scalar tensor averaged over the torchrun processes (as it is in one process)."""
@@ -459,16 +447,6 @@ def mean_over_ranks(value, runtime):
         dist.all_reduce(value)
         value /= runtime.world
     return value
-
-def end_distributed():
-    """The end of a torchrun process: destroy the process group, then exit at once, without Python's
-    finalization. Under FSDP2 the gloo group outlives destroy_process_group (DTensor's caches hold
-    its mesh), and a gloo worker thread that frees a tensor while Python finalizes aborts the process
-    ("terminate called without an active exception", pytorch#190489; 1 launch in 5 on 2 busy cores)."""
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 # ----------------------------------------------------------------------------- the training step: the lines to copy
 
@@ -526,43 +504,36 @@ def pretrain(cfg, base_seed, runtime, progress):
         progress("pretrain", step + 1, cfg.pretrain_steps, loss.item())
     return model, loss.item()
 
-def cached_base(cfg, key, path, runtime):
-    """The cached base model, or None when there is none or it is unusable (truncated, corrupted
-    or made with another configuration: it is then rebuilt, never trusted)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        state, extra = si.load_checked(path)  # SHA-256 checked: torch.load misses flipped bytes in a tensor
-        if extra.get("key") != key:
-            raise ValueError("it was made with another configuration")
-        model = TinyGPT(cfg.model)
-        model.load_state_dict(state)
-    except (ValueError, RuntimeError) as err:
-        runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
-        return None
-    runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
-    return model
-
 def base_model(cfg, base_seed, runtime, progress):
-    """The base model pretrained with base_seed, from the cache, or pretrained now and cached
-    atomically with a checksum. Under torchrun rank 0 pretrains while the others wait."""
+    """(the base model pretrained with base_seed, its cache file): from the cache when a file made with this
+    configuration is there and intact, else pretrained now and cached atomically with a checksum (a truncated,
+    corrupted or foreign cache is rebuilt, never trusted). Under torchrun rank 0 does it while the others wait."""
     key = json.dumps({"model": dataclasses.asdict(cfg.model), "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
                       "batch": cfg.pretrain_batch, "vocab": VOCAB, "amp": runtime.amp and str(runtime.amp_dtype),
                       "base_seed": base_seed, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
-    if runtime.main or runtime.world == 1:
-        model = cached_base(cfg, key, path, runtime)
-        if model is None:
-            start = time.time()
-            model, loss = pretrain(cfg, base_seed, runtime, progress)
-            os.makedirs(cfg.cache, exist_ok=True)
-            si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
-            runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
-                        f"cached as {path}")
-    if runtime.world > 1:
-        dist.barrier()  # rank 0 has written the cache
+    if not runtime.main:
+        dist.barrier()  # until rank 0 has the cache ready
+    model = TinyGPT(cfg.model)
+    try:
+        state, extra = si.load_checked(path)  # SHA-256 checked: torch.load misses flipped bytes in a tensor
+        if extra.get("key") != key:
+            raise ValueError("it was made with another configuration")
+        model.load_state_dict(state)
+        runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         if not runtime.main:
-            model = cached_base(cfg, key, path, runtime)
+            raise
+        if os.path.exists(path):
+            runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
+        start = time.time()
+        model, loss = pretrain(cfg, base_seed, runtime, progress)
+        os.makedirs(cfg.cache, exist_ok=True)
+        si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
+        runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
+                    f"cached as {path}")
+    if runtime.main and runtime.world > 1:
+        dist.barrier()  # the cache is ready
     return model.to(runtime.device), path
 
 # ----------------------------------------------------------------------------- evaluation
@@ -591,25 +562,14 @@ def greedy(model, prompts, new_tokens, runtime):
             out[i] = decode(ids[length:]).split("\n")[0]
     return out
 
-@contextlib.contextmanager
-def evaluating(model):
-    """Eval mode and no gradients inside; the model's own mode back after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
+@torch.no_grad()  # TinyGPT has no dropout: train and eval mode compute the same, so the mode is left alone
 def evaluate(model, problems, runtime):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
     Under torchrun every rank evaluates the same problems (FSDP2 needs every rank's shards)."""
-    with evaluating(model):
-        loss = answer_loss(model, problem_batch(problems, runtime.device), runtime).item()
-        # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
-        # number, as GSM-8K scores the number after "####".
-        answers = greedy(model, [p + " " for p, _ in problems], 8, runtime)
+    loss = answer_loss(model, problem_batch(problems, runtime.device), runtime).item()
+    # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
+    # number, as GSM-8K scores the number after "####".
+    answers = greedy(model, [p + " " for p, _ in problems], 8, runtime)
     correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
     return loss, correct / len(problems)
 
@@ -617,8 +577,7 @@ def arithmetic_accuracy(model, runtime, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
     facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
-    with evaluating(model):
-        got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, runtime)
+    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, runtime)
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 def heldout_text(cfg, n=256):
@@ -626,11 +585,10 @@ def heldout_text(cfg, n=256):
     distribution that pretraining never drew (test_train_tiny checks it for the default settings)."""
     return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
 
+@torch.no_grad()
 def pretraining_skills(model, heldout, runtime):
     """(loss on held-out pretraining text, arithmetic accuracy): what fine-tuning may make a model forget."""
-    with evaluating(model):
-        loss = lm_loss(model, heldout.to(runtime.device), runtime).item()
-    return loss, arithmetic_accuracy(model, runtime)
+    return lm_loss(model, heldout.to(runtime.device), runtime).item(), arithmetic_accuracy(model, runtime)
 
 def forgetting(model, data, runtime):
     """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model,
@@ -705,13 +663,9 @@ def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
     with torch.no_grad():
         logits = model(x).float()
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
-    state = sorsa.adapter_state_dict(model)  # on every rank: FSDP2's shards are gathered
-    if runtime.main:
-        torch.save(state, path)
-    if runtime.world > 1:
-        dist.barrier()  # rank 0 has written the file
+    si.save_adapter(model, path)  # FSDP2's shards gathered on every rank, rank 0 writes, every rank waits for it
     reloaded = copy.deepcopy(base)
-    sorsa.load_adapter(reloaded, torch.load(path, weights_only=True))
+    si.load_adapter(reloaded, path)  # checksum checked
     sorsa.merge_sorsa(model)  # the last use of the trained model
     rows = {}
     for label, m in (("merged", model), ("reloaded", reloaded)):
@@ -845,7 +799,7 @@ def main(argv=None):
             print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
         print(f"log: {result['log']}\ntotal time {time.time() - start:.0f} s")
     if dist.is_initialized():
-        end_distributed()
+        si.end_distributed()  # not a plain destroy_process_group: its docstring says why
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

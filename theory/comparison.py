@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import sorsa_integrations as si
 import train_tiny
 
 
@@ -340,7 +341,7 @@ def main(argv=None):
         show(result, cfg)
         print(f"log: {result['log']}\ntotal time {time.time() - start:.0f} s")
     if dist.is_initialized():
-        train_tiny.end_distributed()
+        si.end_distributed()
 
 
 if __name__ == "__main__":
