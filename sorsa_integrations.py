@@ -418,6 +418,11 @@ def _gather_to(param, owner):
     return whole
 
 
+def _finite(shard):
+    """Whether a shard holds no NaN or Inf, by its max and min (NaN spreads through both): no copy of it is made."""
+    return shard.numel() == 0 or bool(torch.isfinite(torch.stack([shard.amax(), shard.amin()])).all())
+
+
 def _every_rank_agrees(error, group, device, done):
     """Raise on every rank if any rank had an error (its message, with the rank, after `done`, what the split has
     changed): no rank waits for one that failed. One all-reduce of a flag; the messages are gathered only then."""
@@ -451,7 +456,7 @@ def split_sharded(model, niter=None):
     group = layers[0].W_r.device_mesh.get_group() if hasattr(layers[0].W_r, "device_mesh") else None
     _, me, world = _shard_dim(layers[0].W_r)
     device = _local(layers[0].W_r).device
-    bad = [name for name, mod in found if not torch.isfinite(_local(mod.W_r)).all()]
+    bad = [name for name, mod in found if not _finite(_local(mod.W_r))]
     _every_rank_agrees(f"W_0 of {', '.join(bad)} holds NaN or Inf: load the base weights before splitting"
                        if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):

@@ -686,13 +686,14 @@ def test_split_refuses_what_it_cannot_split_before_changing_anything():
     model = unsplit(base, 3, ["q_proj", "up"])
     with pytest.raises(KeyError, match="the base state has no '0.q_proj.weight' for SORSA layer '0.q_proj'"):
         si.base_state_for_sorsa(model, {})
-    state = base.state_dict()
-    state["1.up.weight"][0, 0] = float("nan")
-    model.load_state_dict(si.base_state_for_sorsa(model, state), strict=False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"changed nothing: rank 0: W_0 of 1.up holds NaN or Inf"):
-        si.split_sharded(model)
-    assert all(torch.equal(before[k].view(torch.uint8), v.view(torch.uint8)) for k, v in model.state_dict().items())
+    for bad in (float("nan"), float("inf"), -float("inf")):  # each, alone among finite values (the check reads max, min)
+        state = base.state_dict()
+        state["1.up.weight"][0, 0] = bad
+        model.load_state_dict(si.base_state_for_sorsa(model, state), strict=False)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"changed nothing: rank 0: W_0 of 1.up holds NaN or Inf"):
+            si.split_sharded(model)
+        assert all(torch.equal(before[k].view(torch.uint8), v.view(torch.uint8)) for k, v in model.state_dict().items())
 
 
 def test_a_split_that_fails_midway_says_how_far_it_got(monkeypatch):

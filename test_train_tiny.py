@@ -60,11 +60,12 @@ def test_the_cuda_code_path_runs_on_the_cpu_under_bf16_autocast(tmp_path):
     assert rows["reloaded"][1] < 0.1 and rows["merged"][1] < 0.1  # bf16 logits of size ~10: a few eps_bf16
 
 
-def test_the_comparison_writes_under_its_own_directory_never_into_the_demos_log():
+def test_the_comparison_writes_under_its_own_directory_never_into_the_demos_log(tmp_path):
     """The demo truncates runs/tiny/log.jsonl at its start; the comparison's curves and sweep go elsewhere."""
     cfg = comparison.parse_args(["--lrs", "1e-3"])
     assert cfg.out == "runs/comparison" and train_tiny.parse_args([]).out == "runs/tiny"
-    assert comparison.parse_args(["--lrs", "1e-3", "--out", "elsewhere"]).out == "elsewhere"
+    elsewhere = str(tmp_path / "elsewhere")
+    assert comparison.parse_args(["--lrs", "1e-3", "--out", elsewhere]).out == elsewhere
 
 
 def test_every_adapted_layer_merges_into_the_plain_linear_it_computes():
