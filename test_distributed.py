@@ -111,7 +111,7 @@ def launched(tmp_path_factory):
     def launch(engine, dtype, nproc=2):
         if nproc not in folders:
             folders[nproc] = tmp_path_factory.mktemp(f"launch-{nproc}")
-            torchrun(__file__, str(folders[nproc]), *CASES[nproc], nproc=nproc)
+            torchrun(__file__, *CASES[nproc], str(folders[nproc]), nproc=nproc)  # the folder last: unique
         return folders[nproc] / f"{engine}-{dtype}"
     return launch
 
@@ -382,10 +382,11 @@ def split_cases(out):
 
 
 
-def worker(folder, *cases):
+def worker(*cases_then_folder):
     """Each case ("ddp-float32", ...) in one process group, each writing into folder/case."""
     import torch.distributed as dist
 
+    *cases, folder = cases_then_folder
     dist.init_process_group("gloo")
     for case in cases:
         out = os.path.join(folder, case)
