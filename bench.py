@@ -561,7 +561,7 @@ def base_rows(layer, rows, n):
 
 def steal_ticks():
     """(steal, all) CPU ticks of the host so far (/proc/stat): time the hypervisor gave our CPUs to others."""
-    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:9]]  # user .. steal (guest is inside user)
     return ticks[7], sum(ticks)
 
 
@@ -592,7 +592,8 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
         return real_broadcast(tensor, src, **kw)
 
     def split_once(niter):
-        """(seconds, peak bytes, bytes sent) of this rank's part of one split_sharded, on a fresh model."""
+        """(wall seconds, CPU seconds, the host's steal share, (bytes its shards hold, bytes the peak grew), bytes
+        sent) of this rank's part of one split_sharded, on a fresh model."""
         with torch.device("meta"):
             model = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)])
         sorsa.apply_sorsa(model, r, names)  # shapes only
@@ -641,7 +642,9 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
     summary = {"split_model_mib": round(model_bytes / 2**20, 1)}
     for label, niter in (("exact", None), ("randomized", 2)):
         rounds = [(split_once(niter), one_process(niter)) for _ in range(3)]  # the fastest of 3: a busy host's noise
-        best = min(range(3), key=lambda i: rounds[i][0][0])
+        best = [min(range(3), key=lambda i: rounds[i][0][0])]
+        dist.broadcast_object_list(best, src=0)  # rank 0's fastest round: every rank reports that one
+        best = best[0]
         seconds, cpu, steal, peak, sent_bytes = rounds[best][0]
         cpus, peaks, sends = [None] * world, [None] * world, [None] * world
         for gathered, mine in ((cpus, cpu), (peaks, peak), (sends, sent_bytes)):

@@ -106,12 +106,19 @@ def train(model, x, target, engine, steps=STEPS):
 def launched(tmp_path_factory):
     """launched(engine, dtype, nproc): the folder of that case, from the one launch of nproc processes that
     runs every case of CASES[nproc] (launched the first time a test asks for it)."""
-    folders = {}
+    folders, failed = {}, {}
 
     def launch(engine, dtype, nproc=2):
+        if nproc in failed:  # every test of a failed launch shows its output, not a missing file
+            pytest.fail(failed[nproc], pytrace=False)
         if nproc not in folders:
-            folders[nproc] = tmp_path_factory.mktemp(f"launch-{nproc}")
-            torchrun(__file__, *CASES[nproc], str(folders[nproc]), nproc=nproc)  # the folder last: unique
+            folder = tmp_path_factory.mktemp(f"launch-{nproc}")
+            try:
+                torchrun(__file__, *CASES[nproc], str(folder), nproc=nproc)  # the folder last: unique
+            except (AssertionError, pytest.fail.Exception) as err:
+                failed[nproc] = f"the launch of {nproc} processes failed:\n{err}"
+                raise
+            folders[nproc] = folder
         return folders[nproc] / f"{engine}-{dtype}"
     return launch
 

@@ -514,26 +514,28 @@ def base_model(cfg, base_seed, runtime, progress):
     path = os.path.join(cfg.cache, f"tiny_gpt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if not runtime.main:
         dist.barrier()  # until rank 0 has the cache ready
-    model = TinyGPT(cfg.model)
     try:
-        state, extra = si.load_checked(path)  # SHA-256 checked: torch.load misses flipped bytes in a tensor
-        if extra.get("key") != key:
-            raise ValueError("it was made with another configuration")
-        model.load_state_dict(state)
-        runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        if not runtime.main:
-            raise
-        if os.path.exists(path):
-            runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
-        start = time.time()
-        model, loss = pretrain(cfg, base_seed, runtime, progress)
-        os.makedirs(cfg.cache, exist_ok=True)
-        si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
-        runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
-                    f"cached as {path}")
-    if runtime.main and runtime.world > 1:
-        dist.barrier()  # the cache is ready
+        model = TinyGPT(cfg.model)
+        try:
+            state, extra = si.load_checked(path)  # SHA-256 checked: torch.load misses flipped bytes in a tensor
+            if extra.get("key") != key:
+                raise ValueError("it was made with another configuration")
+            model.load_state_dict(state)
+            runtime.say(f"base model: cached {path} (pretraining loss {extra['loss']:.3f})")
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            if not runtime.main:
+                raise
+            if os.path.exists(path):
+                runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
+            start = time.time()
+            model, loss = pretrain(cfg, base_seed, runtime, progress)
+            os.makedirs(cfg.cache, exist_ok=True)
+            si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
+            runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
+                        f"cached as {path}")
+    finally:
+        if runtime.main and runtime.world > 1:
+            dist.barrier()  # the cache is ready, or rank 0 failed (and the others' loads fail): none waits for ever
     return model.to(runtime.device), path
 
 # ----------------------------------------------------------------------------- evaluation
