@@ -232,7 +232,8 @@ class LowRankLinear(nn.Module):
         return layer
 
 def adapt_sorsa(model, targets, rank):
-    sorsa.apply_sorsa(model, rank, targets)
+    """SORSA: each target nn.Linear split into trainable U_p, S_p, Vt_p and a frozen W_r (sorsa.py)."""
+    sorsa.apply_sorsa(model, rank, target_modules=targets)
 
 def target_names(model, targets):
     """The names of the model's nn.Linear layers whose last part is in targets."""
@@ -276,7 +277,7 @@ class Config:
     rank: int = 8
     steps: int = 300  # fine-tuning steps per method
     lr: float = 2e-3  # LoRA, PiSSA and full fine-tuning; SORSA gets 1.5x, as in the paper (3e-5 vs 2e-5)
-    # gamma / SORSA's lr, L_reg the mean over the 36 factor matrices (the authors' scale): chosen on validation
+    # gamma / SORSA's lr, L_reg the mean over every U_p and Vt_p (the authors' scale): chosen on validation
     # over the paper's effective 0.208 (as good: not established either way) to its nominal 13.3 (docs/gamma.md)
     gamma_ratio: float = 0.4
     batch_size: int = 32  # the global batch; under torchrun each rank takes its share
@@ -437,8 +438,8 @@ def sorsa_sharded(method, base, cfg, runtime):
     return model
 
 def rank_share(problems, runtime):
-    """This rank's problems of a global batch, and the token count that divides its summed loss: the
-    global batch's, times the world, so that DDP's mean of the ranks' gradients is one process's gradient."""
+    """This rank's problems of a global batch, and what divides its summed loss: the global batch's answer-token
+    count over the world size, so that DDP's mean of the ranks' gradients is one process's gradient."""
     return problems[runtime.rank::runtime.world], sum(len(a) + 1 for _, a in problems) / runtime.world  # " answer\n"
 
 def mean_over_ranks(value, runtime):
@@ -449,10 +450,13 @@ def mean_over_ranks(value, runtime):
     return value
 
 # ----------------------------------------------------------------------------- the training step: the lines to copy
+# SORSA's own lines, all told: the layers (METHODS' adapt_sorsa), the optimizer over the trainable factors
+# (finetune), gamma and its peak lr (Config.gamma, finetune), and the regularizer's gradient here.
 
-def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=1.0, squared=False):
+def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=None, squared=False):
     """One step of the paper's recipe, in the authors' order: the loss's backward, its gradient clipped
-    to norm 1.0, then (gamma / lr_max) grad L_reg added unclipped (Eq. 6; nothing for gamma = 0), the
+    to norm 1.0, then (gamma / lr_max) grad L_reg added unclipped (Eq. 6; nothing for gamma = 0; lr_max: the
+    schedule's peak learning rate, required with gamma > 0), the
     optimizer's step. Under fp16 autocast (scaler: a GradScaler) the task gradient is unscaled before
     the clip and the regularizer's is added after: added to the scaled gradient it would be divided by
     the scale (65,536 at first) and vanish."""
@@ -540,12 +544,12 @@ def base_model(cfg, base_seed, runtime, progress):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def answer_loss(model, batch, runtime, tokens=None):
-    """Cross-entropy on the answer tokens, summed and divided by `tokens` (default: this batch's)."""
+def answer_loss(model, batch, runtime, divisor=None):
+    """Cross-entropy on the answer tokens, summed and divided by `divisor` (default: this batch's token count)."""
     x, y, mask = batch
     with runtime.autocast():
         logits = model(x)
-    return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (tokens or mask.sum())
+    return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (divisor or mask.sum())
 
 @torch.no_grad()
 def greedy(model, prompts, new_tokens, runtime):
@@ -617,9 +621,9 @@ def weight_change(model, base, names):
 def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False, scaler=None):
     """One step on a global batch of problems: this rank's share of the answer loss, then the paper's
     step (optimizer_step). Returns the global batch's answer loss."""
-    local, tokens = rank_share(problems, runtime)
-    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, tokens)
-    optimizer_step(model, opt, params, loss, scaler, gamma, lr_max, squared)
+    local, divisor = rank_share(problems, runtime)
+    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, divisor)
+    optimizer_step(model, opt, params, loss, scaler=scaler, gamma=gamma, lr_max=lr_max, squared=squared)
     return mean_over_ranks(loss.detach(), runtime)
 
 def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
@@ -651,7 +655,7 @@ def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=Tr
                  "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
     val_loss, val_acc = evaluate(model, data.val, runtime)
     forget_loss, forget_arithmetic = forgetting(model, data, runtime)
-    tail = losses[-max(1, cfg.steps // 10):]  # the last evaluation above is the final one
+    tail = losses[-max(1, cfg.steps // 10):]  # eval_loss, acc, d_sigma, d_d below: the loop's last evaluation
     return {"lr": lr, "params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
             "eval_loss": eval_loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
             "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
