@@ -204,24 +204,26 @@ def tiny_gpt_with_sorsa():
 
 
 def tiny_steps(model, rt, steps=2):
-    """train_tiny.train_step on its global batches of 8 problems, with SGD instead of AdamW."""
+    """train_tiny.train_step on its global batches of 8 problems, with SGD instead of AdamW: the losses it returns."""
     import train_tiny
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR)
-    for problems in train_tiny.training_batches(0, train_tiny.Config(steps=steps, batch_size=8), set()):
-        train_tiny.train_step(model, opt, params, problems, GAMMA, LR, rt)
+    return [train_tiny.train_step(model, opt, params, problems, GAMMA, LR, rt).item()
+            for problems in train_tiny.training_batches(0, train_tiny.Config(steps=steps, batch_size=8), set())]
 
 
 def test_train_tiny_step_on_rank_shares_is_the_single_process_step(launched):
     """Each rank takes every world-th problem and scales its summed loss so that DDP's mean
-    gradient is the global batch's: factors after two SGD steps as in one process."""
+    gradient is the global batch's: factors after two SGD steps, and the losses train_step
+    returns (the global batch's), as in one process."""
     import train_tiny
     tmp_path = launched("ddp", "float32")
     single = tiny_gpt_with_sorsa()
-    tiny_steps(single, train_tiny.Runtime(torch.device("cpu")))
+    losses = tiny_steps(single, train_tiny.Runtime(torch.device("cpu")))
     expected = sorsa.adapter_state_dict(single)
     for rank in range(2):
         got = torch.load(tmp_path / f"tiny{rank}.pt", weights_only=True)
+        assert got.pop("losses") == pytest.approx(losses, rel=1e-5)  # float32 sums in another order
         for k, v in expected.items():
             assert torch.allclose(got[k], v, rtol=0, atol=1e-5 * (1 + v.abs().max().item())), k
 
@@ -454,8 +456,8 @@ def run_case(engine, dtype, out):
     if engine == "ddp":  # train_tiny's own step: each rank's share of a global batch, SGD
         rt = train_tiny.Runtime(torch.device("cpu"), rank=rank, world=world)
         tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), rt)
-        tiny_steps(tiny, rt)
-        torch.save(sorsa.adapter_state_dict(tiny), os.path.join(out, f"tiny{rank}.pt"))
+        losses = tiny_steps(tiny, rt)
+        torch.save({**sorsa.adapter_state_dict(tiny), "losses": losses}, os.path.join(out, f"tiny{rank}.pt"))
     if engine == "fsdp" and dtype == "float32":  # adapting after sharding: test_a_model_sharded_before_...
         split_cases(os.path.join(out, "split"))
     if rank == 0:

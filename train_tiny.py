@@ -1,14 +1,12 @@
-"""Pretrain a tiny GPT on arithmetic, then fine-tune it on word problems with SORSA, PiSSA,
-LoRA and full fine-tuning, side by side: the paper's experiment (section 6) in miniature.
+"""Pretrain a tiny GPT on arithmetic, then fine-tune it on word problems with SORSA, PiSSA, LoRA and
+full fine-tuning, side by side: the paper's experiment (section 6) in miniature.
 
-The base model learns sums, differences and products ("12+7=19") and plain sentences
-("ann has 12 pens.") from a corpus this script generates. The downstream task, which it
-never saw, is word problems answered with that arithmetic ("ann has 12 pens and gets 7
-more. how many? 12+7=19"), scored like GSM-8K: exact match of the greedy answer on a
-held-out test set. Loss is on the answer only; the recipe is the paper's (AdamW, no weight
-decay, cosine schedule with 3% warm-up, gradient clipping 1.0; bf16 autocast on CUDA, fp16 with a
-GradScaler on GPUs without bf16). Every run also measures forgetting: the rise of the loss on
-held-out pretraining text and the change of arithmetic accuracy, against the base model.
+The base model learns sums, differences and products ("12+7=19") and sentences ("ann has 12 pens.")
+from a corpus this script generates; the task, which it never saw, is word problems answered with
+that arithmetic ("ann has 12 pens and gets 7 more. how many? 12+7=19"), scored like GSM-8K (exact
+match of the greedy answer on held-out problems), loss on the answer only. The recipe is the paper's:
+AdamW, no weight decay, cosine schedule with 3% warm-up, clipping 1.0, bf16 autocast on CUDA. Each
+run also measures forgetting: held-out pretraining loss and arithmetic accuracy against the base.
 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
@@ -16,9 +14,8 @@ held-out pretraining text and the change of arithmetic accuracy, against the bas
     python train_tiny.py --seeds 3        # every method on seeds 0-2: mean +- std
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
-Top to bottom: data, model, methods (one table), settings, where it runs (the one place that knows
-about devices and processes), the training step (`optimizer_step`: the lines to copy), the base model,
-evaluation, fine-tuning, report. Each method at its own validated learning rate: theory/comparison.py.
+Top to bottom: data, model, methods (one table), settings, where it runs (devices and processes), the
+training step (the lines to copy), the base model, evaluation, fine-tuning, report.
 """
 
 import argparse
@@ -39,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure  # plots drawn straight to files: no pyplot, no display
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -197,8 +195,8 @@ def whole(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 class LowRankLinear(nn.Module):
-    """y = x W^T + (x A^T) B^T + b with W frozen: LoRA (W = W_0, B = 0) and PiSSA (W = W_r). Like
-    SORSALinear, `weight` is the frozen part and merge() gives the layer it computes."""
+    """y = x W^T + (x A^T) B^T + b, W frozen: LoRA (W = W_0, B = 0), PiSSA (W = W_r). As in SORSALinear,
+    `weight` is the frozen part and merge() the layer it computes."""
 
     def __init__(self, W, A, B, bias):
         super().__init__()
@@ -209,9 +207,8 @@ class LowRankLinear(nn.Module):
     @classmethod
     def lora(cls, linear, rank):
         """LoRA: A Kaiming-uniform, B = 0, scaling 1, so the model starts unchanged."""
-        A = torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return cls(linear.weight, A, torch.zeros(linear.out_features, rank, dtype=A.dtype, device=A.device), linear.bias)
+        A = nn.init.kaiming_uniform_(linear.weight.new_empty(rank, linear.in_features), a=math.sqrt(5))
+        return cls(linear.weight, A, A.new_zeros(linear.out_features, rank), linear.bias)
 
     @classmethod
     def pissa(cls, linear, rank):
@@ -240,15 +237,15 @@ def target_names(model, targets):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
 
 def adapt_low_rank(init, model, targets, rank):
-    """Replace each target nn.Linear by init(linear, rank): LowRankLinear.lora or .pissa; train only A and B."""
+    """Each target nn.Linear replaced by init(linear, rank) (LowRankLinear.lora or .pissa): only A, B train."""
     model.requires_grad_(False)
     for name in target_names(model, targets):
-        model.set_submodule(name, init(model.get_submodule(name), rank))  # new A and B: trainable
+        model.set_submodule(name, init(model.get_submodule(name), rank))
 
 @dataclass(frozen=True)
 class Method:
     adapt: callable  # adapt(model, targets, rank): makes a copy of the base model trainable the method's way
-    lr_scale: float = 1.0  # the demo trains at Config.lr times this: SORSA 1.5x, as the paper's 3e-5 vs 2e-5
+    lr_scale: float = 1.0  # trained at Config.lr times this: SORSA 1.5x, as the paper's 3e-5 vs 2e-5
     regularized: bool = False  # SORSA's Eq. 6 with gamma = Config.gamma_ratio * lr
     squared: bool = False  # the regularizer squared (an extra, not the paper's)
 
@@ -297,18 +294,11 @@ class Config:
     FLAGS = ("methods", "targets", "rank", "steps", "lr", "gamma_ratio", "seeds", "base_seed", "batch_size",
              "test_size", "val_size", "pretrain_steps", "out", "cache")  # plain --flags (a class attribute)
 
-    def method_lr(self, method):
-        """A method's learning rate in the demo: self.lr times its lr_scale."""
-        return METHODS[method].lr_scale * self.lr
-
     def gamma(self, method, lr):
         """Eq. 6's gamma at learning rate lr: gamma / lr stays gamma_ratio; 0 for an unregularized method."""
         return self.gamma_ratio * lr if METHODS[method].regularized else 0.0
 
-    def shrink_for_quick(self):
-        """The --quick settings: a smaller model, a short pretraining and fine-tuning, fewer test problems."""
-        self.model = GPTConfig(n_layer=2, d_model=64)
-        self.pretrain_steps, self.steps, self.test_size, self.val_size = 300, 40, 100, 100
+QUICK = dict(model=GPTConfig(n_layer=2, d_model=64), pretrain_steps=300, steps=40, test_size=100, val_size=100)
 
 def argument_parser(defaults, description=__doc__):
     """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
@@ -317,9 +307,7 @@ def argument_parser(defaults, description=__doc__):
     parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
                         help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
                              "no native bf16 (T4, V100); 'on': bf16")
-    gamma_help = ("SORSA's gamma / its learning rate (Eq. 6), L_reg the mean over factor matrices (the authors' "
-                  "scale): the paper's nominal ratio is 4e-4 / 3e-5 = 13.3, the weight its runs had 0.208 (their "
-                  "trainer divided it by 64 accumulation steps); ")
+    gamma_help = "SORSA's gamma / its lr (Eq. 6): the paper's nominal 13.3, its runs' 0.208 (docs/gamma.md); "
     for field in defaults.FLAGS:
         value = getattr(defaults, field)
         parser.add_argument(f"--{field}", type=type(value),
@@ -332,13 +320,12 @@ def config_from(parser, defaults, argv=None):
     """The Config the command line gives (--quick's settings under anything given explicitly); bad values
     exit with status 2 and a message."""
     args = parser.parse_args(argv)
-    if args.quick:
-        defaults.shrink_for_quick()
-    cfg = dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if v is not None})
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    cfg = dataclasses.replace(defaults, **{**(QUICK if args.quick else {}), **given})  # given flags win
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto)")
-    for flag, given, known in (("method", cfg.methods, METHODS), ("target", cfg.targets, BLOCK_LINEARS)):
-        unknown = set(given.split(",")) - set(known)
+    for flag, names, known in (("method", cfg.methods, METHODS), ("target", cfg.targets, BLOCK_LINEARS)):
+        unknown = set(names.split(",")) - set(known)
         if unknown:
             parser.error(f"unknown {flag}(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     if not 1 <= cfg.rank <= cfg.model.d_model:
@@ -437,33 +424,17 @@ def sorsa_sharded(method, base, cfg, runtime):
     si.split_sharded(model)
     return model
 
-def rank_share(problems, runtime):
-    """This rank's problems of a global batch, and what divides its summed loss: the global batch's answer-token
-    count over the world size, so that DDP's mean of the ranks' gradients is one process's gradient."""
-    return problems[runtime.rank::runtime.world], sum(len(a) + 1 for _, a in problems) / runtime.world  # " answer\n"
-
-def mean_over_ranks(value, runtime):
-    """A scalar tensor averaged over the torchrun processes (as it is in one process)."""
-    if runtime.world > 1:
-        dist.all_reduce(value)
-        value /= runtime.world
-    return value
-
 # ----------------------------------------------------------------------------- the training step: the lines to copy
 # SORSA's own lines, all told: the layers (METHODS' adapt_sorsa), the optimizer over the trainable factors
 # (finetune), gamma and its peak lr (Config.gamma, finetune), and the regularizer's gradient here.
 
 def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=None, squared=False):
-    """One step of the paper's recipe, in the authors' order: the loss's backward, its gradient clipped
-    to norm 1.0, then (gamma / lr_max) grad L_reg added unclipped (Eq. 6; nothing for gamma = 0; lr_max: the
-    schedule's peak learning rate, required with gamma > 0), the
-    optimizer's step. Under fp16 autocast (scaler: a GradScaler) the task gradient is unscaled before
-    the clip and the regularizer's is added after: added to the scaled gradient it would be divided by
-    the scale (65,536 at first) and vanish."""
+    """One step of the paper's recipe, in the authors' order: backward, the gradient clipped to norm 1.0,
+    (gamma / lr_max) grad L_reg added unclipped (Eq. 6; lr_max: the schedule's peak lr), the optimizer's step."""
     opt.zero_grad()
     (loss if scaler is None else scaler.scale(loss)).backward()
-    if scaler is not None:
-        scaler.unscale_(opt)  # the true gradient, before the clip and before anything is added to it
+    if scaler is not None:  # fp16: unscaled before the clip; L_reg's gradient added to a scaled one would vanish
+        scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     if gamma > 0:
         sorsa.add_regularizer_grad(model, gamma, lr_max, squared)  # Eq. 6's second term
@@ -476,8 +447,7 @@ def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=None
 # ----------------------------------------------------------------------------- the base model, cached
 
 def pretrain_chunks(rng, cfg, n):
-    """n windows of block_size + 1 characters of the base corpus (B, T + 1), each cut at random
-    from a fresh 12-line document."""
+    """n windows (n, T + 1) of the base corpus, each cut at random from a fresh 12-line document."""
     T = cfg.model.block_size
     text = [encode("\n".join(pretrain_line(rng) for _ in range(12))) for _ in range(n)]
     starts = [rng.randrange(len(t) - T) for t in text]
@@ -495,8 +465,7 @@ def lm_loss(model, chunk, runtime):
     return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
 
 def pretrain(cfg, base_seed, runtime, progress):
-    """Train TinyGPT on the generated corpus, its initialization and data drawn from base_seed;
-    returns the model and its final loss."""
+    """(TinyGPT trained on the generated corpus, its final loss): initialization and data from base_seed."""
     torch.manual_seed(base_seed)
     model = TinyGPT(cfg.model).to(runtime.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
@@ -573,9 +542,8 @@ def evaluate(model, problems, runtime):
     """(eval loss on the answers, exact-match accuracy of greedy answers) on held-out problems.
     Under torchrun every rank evaluates the same problems (FSDP2 needs every rank's shards)."""
     loss = answer_loss(model, problem_batch(problems, runtime.device), runtime).item()
-    # 8 tokens: the longest answer, "10+10=20", and its newline. Exact match of the final
-    # number, as GSM-8K scores the number after "####".
-    answers = greedy(model, [p + " " for p, _ in problems], 8, runtime)
+    answers = greedy(model, [p + " " for p, _ in problems], 8, runtime)  # 8: "10+10=20", the longest answer
+    # exact match of the final number, as GSM-8K scores the number after "####"
     correct = sum(got.split("=")[-1] == a.split("=")[-1] for got, (_, a) in zip(answers, problems))
     return loss, correct / len(problems)
 
@@ -587,8 +555,7 @@ def arithmetic_accuracy(model, runtime, n=200):
     return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
 
 def heldout_text(cfg, n=256):
-    """n windows of the base corpus from a stream of their own (B, T + 1): text of the pretraining
-    distribution that pretraining never drew (test_train_tiny checks it for the default settings)."""
+    """n windows (n, T + 1) of the base corpus from a stream of their own: never drawn in pretraining."""
     return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
 
 @torch.no_grad()
@@ -597,20 +564,16 @@ def pretraining_skills(model, heldout, runtime):
     return lm_loss(model, heldout.to(runtime.device), runtime).item(), arithmetic_accuracy(model, runtime)
 
 def forgetting(model, data, runtime):
-    """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model,
-    as PEFT's method comparison reports forgetting; an unchanged model gives exactly (0, 0)."""
+    """(rise of the held-out pretraining loss, change of arithmetic accuracy) against the base model."""
     loss, arithmetic = pretraining_skills(model, data.heldout, runtime)
     return loss - data.base_skills[0], arithmetic - data.base_skills[1]
 
-def effective_weight(module):
-    """The (m, n) weight a layer applies, whatever method built it (FSDP2 shards gathered)."""
-    return module.merge().weight if isinstance(module, (sorsa.SORSALinear, LowRankLinear)) else whole(module.weight)
-
 def weight_change(model, base, names):
     """Mean delta_sigma and delta_d (Eqs. 7-10) of the adapted layers against the base model."""
-    inner = sorsa.unwrap(model)
-    with torch.no_grad():
-        pairs = [(base.get_submodule(n).weight, effective_weight(inner.get_submodule(n))) for n in names]
+    layers = [sorsa.unwrap(model).get_submodule(n) for n in names]
+    with torch.no_grad():  # the (m, n) weight each layer applies, whatever method built it (FSDP2's shards gathered)
+        pairs = [(base.get_submodule(n).weight, layer.merge().weight if hasattr(layer, "merge") else whole(layer.weight))
+                 for n, layer in zip(names, layers)]
         if not all(torch.isfinite(b).all() for _, b in pairs):  # diverged (too large a learning rate)
             return math.nan, math.nan
         return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
@@ -621,10 +584,17 @@ def weight_change(model, base, names):
 def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False, scaler=None):
     """One step on a global batch of problems: this rank's share of the answer loss, then the paper's
     step (optimizer_step). Returns the global batch's answer loss."""
-    local, divisor = rank_share(problems, runtime)
-    loss = answer_loss(model, problem_batch(local, runtime.device), runtime, divisor)
+    # This rank's problems; its summed loss divided by the global batch's answer tokens (" answer\n") over the
+    # world size, so that DDP's mean of the ranks' gradients is one process's gradient.
+    divisor = sum(len(a) + 1 for _, a in problems) / runtime.world
+    batch = problem_batch(problems[runtime.rank::runtime.world], runtime.device)
+    loss = answer_loss(model, batch, runtime, divisor)
     optimizer_step(model, opt, params, loss, scaler=scaler, gamma=gamma, lr_max=lr_max, squared=squared)
-    return mean_over_ranks(loss.detach(), runtime)
+    loss = loss.detach()
+    if runtime.world > 1:
+        dist.all_reduce(loss)
+        loss /= runtime.world  # the ranks' mean: the global batch's loss
+    return loss
 
 def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
     """Fine-tune one method with one seed at learning rate lr on one base model (data: its EvalData);
@@ -682,9 +652,8 @@ def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
 
 # ----------------------------------------------------------------------------- the report
 
-COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"),
-           ("accuracy", "accuracy", "{:.1%}"), ("val accuracy", "val_accuracy", "{:.1%}"),
-           ("Δ held-out loss", "forget_loss", "{:+.3f}"),
+COLUMNS = [("train loss", "train_loss", "{:.3f}"), ("eval loss", "eval_loss", "{:.3f}"), ("accuracy", "accuracy", "{:.1%}"),
+           ("val accuracy", "val_accuracy", "{:.1%}"), ("Δ held-out loss", "forget_loss", "{:+.3f}"),
            ("Δ arithmetic", "forget_arithmetic", "{:+.1%}"), ("delta_sigma", "delta_sigma", "{:.4f}"),
            ("delta_d", "delta_d", "{:.4f}"), ("ms/step", "ms_per_step", "{:.1f}")]
 
@@ -702,24 +671,11 @@ def results_table(results):
         lines.append(f"| {method} | {runs[0]['params']:,} | " + " | ".join(cell(runs, k, f) for _, k, f in COLUMNS) + " |")
     return "\n".join(lines)
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files, or None (with a note) when it is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: skipped the plot (pip install matplotlib)")
-        return None
-
 def plot(log_path, out):
     """curves.png: eval loss, delta_sigma and delta_d against the step, per method (seed 0)."""
-    plt = pyplot()
-    if plt is None:
-        return
     rows = [json.loads(line) for line in open(log_path)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for ax, key in zip(axes, ("eval_loss", "delta_sigma", "delta_d")):
         for method in dict.fromkeys(r["method"] for r in rows):
             ax.plot(*zip(*[(r["step"], r[key]) for r in rows if r["method"] == method and r["seed"] == 0]), label=method)
@@ -755,8 +711,7 @@ def describe(cfg, runtime):
             f"{cfg.steps} steps, seeds {cfg.seeds}")
 
 def prepare_base(cfg, base_seed, runtime, progress):
-    """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task): pretrained or
-    cached, measured once."""
+    """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task), measured once."""
     base, path = base_model(cfg, base_seed, runtime, progress)
     base.requires_grad_(False)
     test, val = held_out(cfg)
@@ -768,8 +723,7 @@ def prepare_base(cfg, base_seed, runtime, progress):
     return base, path, data, (loss, acc)
 
 def run(cfg):
-    """The demo: every method at the paper's learning rates on seeds 0 .. seeds-1 of one base model, and
-    the trained SORSA model (seed 0) merged and reloaded. Returns the results ({method: runs}) and checks."""
+    """The demo: every method on seeds 0 .. seeds-1 of one base model, and SORSA's seed 0 merged and reloaded."""
     runtime = start_runtime(cfg)
     methods = cfg.methods.split(",")
     runtime.say(describe(cfg, runtime))
@@ -783,7 +737,7 @@ def run(cfg):
     results, checks = {}, None
     for method in methods:
         for seed in range(cfg.seeds):
-            result, model = finetune(method, cfg.method_lr(method), base, data, cfg, seed, runtime, progress,
+            result, model = finetune(method, METHODS[method].lr_scale * cfg.lr, base, data, cfg, seed, runtime, progress,
                                      lambda row: append_jsonl(log_path, row, runtime))
             results.setdefault(method, []).append(result)
             if method == "sorsa" and seed == 0:

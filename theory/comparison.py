@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from matplotlib.figure import Figure
 
 import sorsa_integrations as si
 import train_tiny
@@ -187,10 +188,8 @@ def plot_sweep(grid, out):
     """sweep.png: test accuracy against learning rate, one line per method, error bars over seeds.
     forgetting.png: test accuracy against forgetting (the rise of the held-out pretraining loss),
     one point per method and learning rate, the trade-off PEFT's method comparison draws."""
-    plt = train_tiny.pyplot()
-    if plt is None:
-        return
-    (fig, ax), (fig2, bx) = plt.subplots(figsize=(7, 4.5)), plt.subplots(figsize=(7, 4.5))
+    fig, fig2 = Figure(figsize=(7, 4.5)), Figure(figsize=(7, 4.5))
+    ax, bx = fig.subplots(), fig2.subplots()
     for method, by_lr in grid.items():
         lrs = sorted(by_lr)
         acc = [interval([r["accuracy"] for r in by_lr[lr]])[:2] for lr in lrs]

@@ -43,8 +43,8 @@ def tiny_gpt_layers(seeds=(0, 1)):
     for seed in seeds:
         kappas = {}
         for method in ("sorsa_g0", "sorsa"):
-            _, model = train_tiny.finetune(method, cfg.method_lr(method), base, data, cfg, seed, runtime,
-                                           lambda *a: None, lambda row: None)
+            lr = train_tiny.METHODS[method].lr_scale * cfg.lr
+            _, model = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, lambda *a: None, lambda row: None)
             for name, layer in sorsa.sorsa_modules(model):
                 W_p = (layer.U_p * layer.S_p) @ layer.Vt_p
                 W_p0 = (layer.U_p0 * layer.S_p0) @ layer.Vt_p0
