@@ -554,9 +554,12 @@ def distributed_section():
     sorsa_integrations.end_distributed()
 
 
-def base_rows(layer, rows, n):
-    """Rows of a stand-in base weight (n columns), each from a seed of its own: a rank makes its shard alone."""
-    return torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(100_000 * layer + i)) for i in rows])
+def base_rows(layer, rows, out):
+    """Fill out (len(rows), n) with those rows of a stand-in base weight, each from a seed of its own: a rank makes
+    its shard alone, in place (rows made apart and stacked would leave the heap in pieces the split then reuses)."""
+    gen = torch.Generator()
+    for row, i in zip(out, rows):
+        torch.randn(row.shape, generator=gen.manual_seed(100_000 * layer + i), out=row)
 
 
 def steal_ticks():
@@ -565,23 +568,25 @@ def steal_ticks():
     return ticks[7], sum(ticks)
 
 
-def sharded_split(rank, world, layers=12, size=1024, r=16):
-    """Adapting after sharding (sorsa_integrations.split_sharded), exact and randomized (niter 2), on a model
+def sharded_split(rank, world, layers=12):
+    """Adapting after sharding (sorsa_integrations.split_sharded), exact (1024x1024 layers at r 16) and randomized
+    (niter 2; 2048x2048 at r 32: at 1024 its 6 all-reduces a turn, ~2 ms each on gloo here, outweigh its work), on a model
     made on the meta device whose ranks each make only their rows of W_0: each rank's peak memory during the
-    split against the model's size, the bytes each rank sends (its shards to their owners; broadcast: the factors, once
-    per other rank), and the split's time against one process splitting the whole model (sorsa.apply_sorsa on
+    split against the model's size, the bytes each rank sends (exact: its shards to their owners; randomized: its
+    parts of the sketch's products, all-reduced; broadcast: the factors, once per other rank),
+    and the split's time against one process splitting the whole model (sorsa.apply_sorsa on
     rank 0): wall-clock, and CPU time (the work each rank did, whatever the host lent), with the share of the
     CPUs the host took away meanwhile (steal). One thread per process (torchrun's default); before measuring,
     every process has run both SVDs at this size and one split (LAPACK's and gloo's one-time set-up)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    names, model_bytes = [str(i) for i in range(layers)], layers * size * size * 4
+    names, cases = [str(i) for i in range(layers)], (("exact", None, 1024, 16), ("randomized", 2, 2048, 32))
     ctypes.CDLL(None).mallopt(-3, 1 << 16)  # glibc: M_MMAP_THRESHOLD fixed at 64 KiB, so freed tensors leave
     # the resident memory at once and its peak counts what was alive together, not the heap's fragments
-    for niter in (None, 2):
+    for _, niter, size, r in cases:
         sorsa.svd_split(torch.randn(size, size), r, niter)  # LAPACK's first calls set themselves up
     sent = [0]
-    real_send, real_broadcast = dist.send, dist.broadcast
+    real_send, real_broadcast, real_all_reduce = dist.send, dist.broadcast, dist.all_reduce
 
     def send(tensor, dst, **kw):
         sent[0] += tensor.nbytes
@@ -591,7 +596,11 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
         sent[0] += tensor.nbytes * (world - 1) if dist.get_rank() == src else 0
         return real_broadcast(tensor, src, **kw)
 
-    def split_once(niter):
+    def all_reduce(tensor, **kw):  # a ring all-reduce's share: each rank sends 2 (world - 1) / world of the tensor
+        sent[0] += tensor.nbytes * 2 * (world - 1) // world
+        return real_all_reduce(tensor, **kw)
+
+    def split_once(niter, size, r):
         """(wall seconds, CPU seconds, the host's steal share, (bytes its shards hold, bytes the peak grew), bytes
         sent) of this rank's part of one split_sharded, on a fresh model."""
         with torch.device("meta"):
@@ -606,10 +615,10 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
                 p.to_local().zero_()  # every shard resident before the measure, so none is counted twice
             for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
                 rows = sorsa_integrations._part(torch.arange(size), mod.W_r).tolist()  # this rank's, as FSDP2 cuts
-                mod.W_r.to_local().copy_(base_rows(i, rows, size))
+                base_rows(i, rows, mod.W_r.to_local())
         holds = sum(p.to_local().nbytes for p in model.parameters())  # W_r shards (a 1/world of the model) and factors
         sent[0] = 0
-        dist.send, dist.broadcast = send, broadcast
+        dist.send, dist.broadcast, dist.all_reduce = send, broadcast, all_reduce
         dist.barrier()
         ctypes.CDLL(None).malloc_trim(0)  # free memory back to the system: the resident memory is what is alive
         with open("/proc/self/clear_refs", "w") as f:
@@ -621,27 +630,28 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
         dist.barrier()
         seconds = time.perf_counter() - start
         stolen = [a - b for a, b in zip(steal_ticks(), steal)]
-        dist.send, dist.broadcast = real_send, real_broadcast
+        dist.send, dist.broadcast, dist.all_reduce = real_send, real_broadcast, real_all_reduce
         return seconds, cpu, stolen[0] / max(1, stolen[1]), (holds, (resident_kib("VmHWM") - before) * 1024), sent[0]
 
-    def one_process(niter):
+    def one_process(niter, size, r):
         """(wall, CPU) seconds one process takes to split the whole model (sorsa.apply_sorsa), on rank 0 while the
         others wait."""
         seconds = None
         if rank == 0:
             whole = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)]).requires_grad_(False)
             for i, layer in enumerate(whole):
-                layer.weight.copy_(base_rows(i, range(size), size))
+                base_rows(i, range(size), layer.weight)
             start, cpu = time.perf_counter(), time.process_time()
             sorsa.apply_sorsa(whole, r, names, niter=niter)
             seconds = time.perf_counter() - start, time.process_time() - cpu
         dist.barrier()
         return seconds
 
-    split_once(None)  # gloo's first sends and broadcasts set themselves up: not the split's cost
-    summary = {"split_model_mib": round(model_bytes / 2**20, 1)}
-    for label, niter in (("exact", None), ("randomized", 2)):
-        rounds = [(split_once(niter), one_process(niter)) for _ in range(3)]  # the fastest of 3: a busy host's noise
+    summary = {}
+    for label, niter, size, r in cases:
+        split_once(niter, size, r)  # gloo's first messages of these sizes set themselves up: not the split's cost
+        model_bytes = layers * size * size * 4
+        rounds = [(split_once(niter, size, r), one_process(niter, size, r)) for _ in range(3)]  # the fastest of 3
         best = [min(range(3), key=lambda i: rounds[i][0][0])]
         dist.broadcast_object_list(best, src=0)  # rank 0's fastest round: every rank reports that one
         best = best[0]
@@ -662,7 +672,8 @@ def sharded_split(rank, world, layers=12, size=1024, r=16):
                       f"{grew / layer_bytes:.2f} layers' worth more during the split; sent {sends[k] / 2**20:.1f} MiB")
             summary |= {f"split_{label}_ranks_over_one": round(seconds / single, 3), f"split_{label}_steal": round(steal, 3),
                         f"split_{label}_cpu_ranks_over_one": [round(c / single_cpu, 3) for c in cpus]}
-        summary |= {f"split_{label}_peak_over_model": [round(sum(p) / model_bytes, 3) for p in peaks],
+        summary |= {f"split_{label}_model_mib": round(model_bytes / 2**20, 1),
+                    f"split_{label}_peak_over_model": [round(sum(p) / model_bytes, 3) for p in peaks],
                     f"split_{label}_extra_layers": [round(grew / (model_bytes / layers), 2) for _, grew in peaks],
                     f"split_{label}_sent_mib": [round(b / 2**20, 1) for b in sends]}
     return summary

@@ -13,10 +13,10 @@ The method in ten lines (PyTorch convention: a weight W_0 is (m, n) = (out, in))
     loss  = L_train + (gamma / lr_max) L_reg              one optimizer, one scheduler   (Eq. 6)
     merge: nn.Linear(weight = W_r + U_p diag(S_p) Vt_p)   no inference latency
 
-PiSSA: the same split, U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained, no regularizer. This file
-follows the paper; sorsa_integrations.py adds Hugging Face, PEFT, checksummed files and FSDP2. Precision:
-what trains is stored in float32, what is frozen keeps the weight's dtype, the forward runs in the
-activations' dtype, and the SVD, residual, regularizer and merge in IEEE float32 or wider.
+PiSSA: the same split, U_p diag(S_p)^(1/2) and diag(S_p)^(1/2) Vt_p trained, no regularizer. This file follows
+the paper; sorsa_integrations.py adds Hugging Face, PEFT, checksummed files and FSDP2. Precision: what trains is
+stored in float32, what is frozen keeps the weight's dtype, the forward runs in the activations' dtype, and the
+SVD, residual, regularizer and merge in IEEE float32 or wider.
 """
 
 import contextlib
@@ -83,19 +83,25 @@ def _orthonormalized(factor):
     Q, R = torch.linalg.qr(factor.double())  # (k, r), (r, r) with a diagonal of ~+-1
     return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(factor.dtype)  # each column kept itself
 
+def _sketch(shape, rank, niter, device, dtype):
+    """The randomized SVD's Omega (n, l) for W (m, n), l = r + max(r, 10) oversampled for accurate top singular values,
+    seeded (one weight always gives one split); None where the exact SVD runs: niter None, or l >= min(m, n)."""
+    l = rank + max(rank, 10)
+    gen = None if niter is None or l >= min(shape) else torch.Generator(device=device).manual_seed(0)
+    return None if gen is None else torch.randn(shape[1], l, generator=gen, device=device, dtype=dtype)
+
 def _factors(weight, rank, niter, factor_dtype):
     """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1), by an exact or randomized SVD in float32 or wider (a bf16 SVD
     fails), orthonormalized, in factor_dtype (default: float32, or float64 for a float64 W)."""
     W = weight.detach().to(_wide_dtype(weight.dtype))  # (m, n)
-    sketch = rank + max(rank, 10)  # oversampled, for accurate top singular values
     with torch.no_grad(), _ieee_matmuls():  # the sketch's products too in IEEE float32
-        if niter is None or sketch >= min(W.shape) or W.is_meta:
+        Omega = None if W.is_meta else _sketch(W.shape, rank, niter, W.device, W.dtype)  # (n, l)
+        if Omega is None:
             U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
         else:
-            gen = torch.Generator(device=W.device).manual_seed(0)  # seeded: one weight always gives one split
-            Q = torch.linalg.qr(W @ torch.randn(W.shape[1], sketch, generator=gen, device=W.device, dtype=W.dtype)).Q
+            Q = torch.linalg.qr(W @ Omega).Q  # (m, l)
             for _ in range(niter):  # each sharpens a decaying spectrum; QR keeps the basis conditioned
-                Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l), l = sketch
+                Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q  # (m, l)
             U_small, S, Vt = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (l, l), (l,), (l, n)
             U = Q @ U_small  # (m, l)
         return tuple(t.to(factor_dtype or W.dtype, memory_format=torch.contiguous_format, copy=True)
@@ -267,9 +273,8 @@ def cosine_schedule(optimizer, total_steps, warmup_ratio=0.03):
     """App. B: linear warm-up over 3% of the steps, cosine decay to 0; its peak, the optimizer's lr, is lr_max."""
     warmup = max(1, round(warmup_ratio * total_steps))
     def multiplier(step):  # of the optimizer's lr at `step`
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+        return (step + 1) / warmup if step < warmup else cosine
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 # ---------------------------------------------------------------------------------- a model: apply and merge

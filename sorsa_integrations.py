@@ -437,17 +437,89 @@ def _every_rank_agrees(error, group, device, done):
                                                               if e is not None))
 
 
+def _sketch(mod, niter):
+    """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD (sorsa._factors's,
+    its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several ranks; else None."""
+    dim, _, world = _shard_dim(mod.W_r)
+    W = _local(mod.W_r)
+    if world == 1 or dim != 0:
+        return None
+    return sorsa._sketch(mod.W_r.shape, mod.rank, niter, W.device, sorsa._wide_dtype(W.dtype))
+
+
+def _sketch_turn(turn, sketches, niter, group):
+    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with a sketch (Omega (n, l);
+    None: gathered instead), W_0 left in its row shards: ([(Q (m, l), Q^T W_0 (l, n)) or None] on every rank, an
+    error message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's rows): W_0 X
+    has rows W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of every layer's,
+    one all-reduce adds the turn's parts together, and every rank takes the same QRs of the same sums. Only (m + n) l
+    numbers a layer and product travel, never W_0."""
+    layers = [(mod, Omega) for mod, Omega in zip(turn, sketches) if Omega is not None]
+    error = None
+
+    def attempt(compute, shape, like):  # a failure is kept, and zeros keep every rank's collectives in step
+        nonlocal error
+        if error is None:
+            try:
+                return compute()
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+        return like.new_zeros(shape)
+
+    def summed(parts):  # each rank's parts of the turn's sums -> the sums, on every rank: one message
+        flat = torch.cat([p.flatten() for p in parts])
+        dist.all_reduce(flat, group=group)
+        return [f.view(p.shape).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
+    def W(mod, Omega):  # (m_i, n): this rank's rows of W_0, in the SVD's dtype
+        return _local(mod.W_r).detach().to(Omega.dtype)
+
+    def rows(mod, Omega, X):  # this rank's rows of W_0 X (m, l), zeros in the others'
+        Y = Omega.new_zeros(mod.W_r.shape[0], X.shape[1])
+        _part(Y, mod.W_r).copy_(attempt(lambda: W(mod, Omega) @ X, _part(Y, mod.W_r).shape, Omega))
+        return Y
+
+    def bases(sums):  # (k, l) with orthonormal columns spanning each sum's
+        return [attempt(lambda: torch.linalg.qr(Y).Q, Y.shape, Y) for Y in sums]
+
+    with torch.no_grad(), sorsa._ieee_matmuls():  # as sorsa._factors: Q = qr(W Omega), niter times qr(W qr(W^T Q))
+        Qs = bases(summed([rows(mod, Omega, Omega) for mod, Omega in layers]))
+        for _ in range(niter):
+            Ps = bases(summed([attempt(lambda: W(mod, Omega).T @ _part(Q, mod.W_r), (Omega.shape[0], Q.shape[1]), Q)
+                               for (mod, Omega), Q in zip(layers, Qs)]))  # W_0^T Q (n, l)
+            del Qs  # before the next sums are made: one (m, l) a layer fewer at the peak
+            Qs = bases(summed([rows(mod, Omega, P) for (mod, Omega), P in zip(layers, Ps)]))
+        Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
+                     for (mod, Omega), Q in zip(layers, Qs)])  # Q^T W_0 (l, n)
+    done = iter(zip(Qs, Bs))
+    return [None if Omega is None else next(done) for Omega in sketches], error
+
+
+def _share(mod, factors, owner, group):
+    """Broadcast a layer's U_p, S_p, Vt_p from rank `owner` (factors: None on the others) as one message, then _fill
+    every rank's shards from them."""
+    shapes = [p.shape for p in (mod.U_p, mod.S_p, mod.Vt_p)]
+    if factors is None:
+        flat = torch.empty(sum(s.numel() for s in shapes), dtype=mod.U_p.dtype, device=_local(mod.U_p).device)
+    else:
+        flat = torch.cat([t.flatten() for t in factors])  # row-major, whatever the layout LAPACK gave
+    if group is not None:
+        dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+    _fill(mod, *(t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes)))
+
+
 def split_sharded(model, niter=None):
     """Compute the SVD split (Eqs. 1-2) of every SORSA layer of a model that FSDP2 has sharded, in place: the
     layers were made on the meta device (apply_sorsa gives the structure), sharded by fully_shard, and each
-    W_r loaded with W_0's shard (base_state_for_sorsa). Layer by layer, in turns: layer i's W_0 is received
-    on rank i % world alone, which splits it (as sorsa.svd_split, exact or randomized with niter) while the
-    other ranks split theirs; its owner then broadcasts U_p (m, r), S_p (r,) and Vt_p (r, n), and every rank
-    keeps its shards of them and computes its own part of W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank
-    holds more than one layer's whole W_0 beyond its shards; the factors are those svd_split gives for the
-    whole W_0, W_r equal to a rounding. Without torch.distributed (whole tensors) it splits every layer itself.
-    Bad input (a non-finite W_0 shard) raises on every rank before anything changes; a failed SVD raises on
-    every rank, naming how many layers the earlier turns split."""
+    W_r loaded with W_0's shard (base_state_for_sorsa). In turns of `world` layers, layer k of a turn split on
+    rank k while the other ranks split theirs, two ways, each giving the factors svd_split gives for the whole W_0
+    (to a rounding): randomized (niter) on a W_r held by rows, W_0 is never gathered: the ranks compute the sketch's
+    products on their rows and rank k the SVD of the small Q^T W_0 (_sketch_turn); exact (or held by columns), rank
+    k receives the layer's W_0 whole (_gather_to). Rank k then broadcasts U_p (m, r), S_p (r,) and Vt_p (r, n), and
+    every rank keeps its shards and turns its part of W_0 into W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank holds
+    more than one layer's whole W_0 beyond its shards (randomized: none). Without torch.distributed (whole tensors)
+    it splits every layer itself. Bad input (a non-finite W_0 shard) raises on every rank before anything changes;
+    a failure raises on every rank, naming how many layers the earlier turns split."""
     found = sorsa.sorsa_modules(model)
     layers = [mod for _, mod in found]
     if not layers:
@@ -461,24 +533,28 @@ def split_sharded(model, niter=None):
                        if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):
         turn = layers[start:start + world]  # layer start + k is rank k's to split
-        whole = [_gather_to(mod.W_r, k) for k, mod in enumerate(turn)]
-        mine, error = None, None
-        if me < len(turn):
+        sketches = [_sketch(mod, niter) for mod in turn]  # randomized and held by rows: W_0 is never gathered
+        sums, error = [None] * len(turn), None
+        if any(Omega is not None for Omega in sketches):
+            sums, error = _sketch_turn(turn, sketches, niter, group)
+        whole = [_gather_to(mod.W_r, k) if Omega is None else None for k, (mod, Omega) in enumerate(zip(turn, sketches))]
+        mine = None
+        if me < len(turn) and error is None:
+            mod = turn[me]
             try:
-                mod = turn[me]
-                mine = sorsa._factors(whole[me], mod.rank, niter, mod.U_p.dtype)  # no whole W_r: each rank its part
+                if sums[me] is None:  # no whole W_r: each rank turns its part of W_0 into it below
+                    mine = sorsa._factors(whole[me], mod.rank, niter, mod.U_p.dtype)
+                else:  # the randomized SVD's end: the SVD of Q^T W_0 (l, n), U_p = Q U_small
+                    Q, B = sums[me]
+                    U_small, S_p, Vt_p = sorsa._factors(B, mod.rank, None, mod.U_p.dtype)
+                    mine = sorsa._orthonormalized(Q @ U_small.to(Q.dtype)).to(mod.U_p.dtype), S_p, Vt_p
             except Exception as err:  # told to every rank below, so none waits for this one
                 error = f"{type(err).__name__}: {err}"
-        del whole
+        del whole, sums
         _every_rank_agrees(error, group, device, f"split {start} of {len(layers)} layers before this error, the rest "
                            "still hold W_0 (load the base weights again and split again)" if start else "changed nothing")
         for k, mod in enumerate(turn):
-            factors = mine if k == me else [torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
-                                            for p in (mod.U_p, mod.S_p, mod.Vt_p)]
-            if group is not None:
-                for t in factors:
-                    dist.broadcast(t, src=dist.get_global_rank(group, k), group=group)
-            _fill(mod, *factors)
+            _share(mod, mine if k == me else None, k, group)
 
 
 def _fill(mod, U_p, S_p, Vt_p):
@@ -489,6 +565,8 @@ def _fill(mod, U_p, S_p, Vt_p):
             param = getattr(mod, name)
             _local(param).copy_(_part(whole, param))
         by_rows = _shard_dim(mod.W_r)[0] == 0
-        W = _local(mod.W_r)
-        W.copy_(sorsa._add_W_p(W, _part(U_p, mod.W_r) if by_rows else U_p, S_p,
-                               Vt_p if by_rows else _part(Vt_p, mod.W_r), alpha=-1))
+        W, U = _local(mod.W_r), _part(U_p, mod.W_r) if by_rows else U_p
+        Vt = Vt_p if by_rows else _part(Vt_p, mod.W_r)
+        step = max(1, -(-len(W) // 8))  # an 8th of the rows at a time: Eq. 2's wide copy is of that 8th alone
+        for rows, U_rows in zip(W.split(step), U.split(step)):
+            rows.copy_(sorsa._add_W_p(rows, U_rows, S_p, Vt, alpha=-1))

@@ -68,7 +68,8 @@ def stop(proc, marker):
             pass
 
 
-WIDTHS = dict(d=12, h=25)  # 2 and 3 ranks shard 12 evenly, 25 not (13 + 12, 9 + 9 + 7 rows; Vt_p kept on rows)
+WIDTHS = dict(d=18, h=25)  # 2 and 3 ranks shard 18 evenly (Vt_p by columns), 25 not (13 + 12, 9 + 9 + 7 rows; Vt_p
+# kept on rows); at rank 4 the randomized SVD's sketch (14 columns) is narrower than every layer
 
 
 def model_and_batch(dtype):
@@ -82,7 +83,7 @@ def model_and_batch(dtype):
         for i, (_, mod) in enumerate(sorsa.sorsa_modules(model)):
             mod.U_p.add_(0.1 * rand(*mod.U_p.shape, seed=i, dtype=torch.float32))
             mod.Vt_p.add_(0.1 * rand(*mod.Vt_p.shape, seed=100 + i, dtype=torch.float32))
-    x = rand(12, 12, seed=7, dtype=dtype)  # a global batch of 12: an equal share on 2 or 3 ranks
+    x = rand(12, WIDTHS["d"], seed=7, dtype=dtype)  # a global batch of 12: an equal share on 2 or 3 ranks
     return base, model, x, torch.sin(3 * x)
 
 
@@ -254,7 +255,7 @@ def test_train_tiny_under_torchrun_fsdp_matches_one_process(tmp_path):
 
 
 SPLIT_TARGETS = ["q_proj", "v_proj", "up", "down"]
-SPLIT_CASES = [("float32", None), ("bfloat16", None), ("float32", 2)]  # (base dtype, niter): exact and randomized
+SPLIT_CASES = [("float32", None), ("bfloat16", None), ("float32", 2), ("bfloat16", 2)]  # (base dtype, niter)
 
 
 def off_orthonormality(model):
@@ -273,29 +274,36 @@ def split_reference(dtype, niter):
     base = toy_model(0, **WIDTHS, dtype=getattr(torch, dtype))
     model = copy.deepcopy(base)
     sorsa.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
-    x = rand(12, 12, seed=7, dtype=base[0].q_proj.weight.dtype)
+    x = rand(12, WIDTHS["d"], seed=7, dtype=base[0].q_proj.weight.dtype)
     return base, model, x
 
 
 @pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=SLOW)])
 def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
     """Built on the meta device, adapted there for its shapes, fully_shard-ed, loaded with the base weights
-    by set_model_state_dict, then si.split_sharded: each layer split by one rank in turn. Widths WIDTHS,
-    so the ranks hold uneven rows (13 + 12, 9 + 9 + 7) of a width-25 W_r and keep a width-25 Vt_p on rows. Against
-    sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (float32 SVDs, which
-    may run in other threads: 1e-5; bf16 W_r: one bf16 rounding); 3 SGD steps as the other FSDP2 tests;
-    the adapter, the PEFT export and the merge. A NaN in one rank's shard raises on every rank, unchanged; an
-    SVD failing on the last rank in the second turn raises on every rank, saying how far the split got."""
+    by set_model_state_dict, then si.split_sharded: the exact SVD of each layer's gathered W_0 by one rank in
+    turn; the randomized one with no W_0 ever gathered (the ranks' rows multiplied where they lie). Widths
+    WIDTHS, so the ranks hold uneven rows (13 + 12, 9 + 9 + 7) of a width-25 W_r and keep a width-25 Vt_p on rows;
+    one randomized case holds a W_r by columns, which is gathered in a turn beside a sketched layer.
+    Against sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (exact: float32 SVDs,
+    which may run in other threads, 1e-5; randomized: float32 products summed in another order, then QRs of the
+    sketch, whose columns the power iterations make nearly parallel, 1e-4; bf16 W_r: one bf16 rounding); 3 SGD
+    steps as the other FSDP2 tests; the adapter, the PEFT export and the merge. A NaN in one rank's shard raises
+    on every rank, unchanged; an SVD failing on the last rank in the second turn raises on every rank, saying how
+    far the split got, and so (randomized) does a QR failing on the last rank amid the first turn's collectives."""
     out = launched("fsdp", "float32", nproc) / "split"  # the FSDP2 worker runs split_cases too: one launch
     for dtype, niter in SPLIT_CASES:
         base, single, x = split_reference(dtype, niter)
         got = torch.load(out / f"{dtype}-{niter}.pt", weights_only=True)
-        weight_tol = 1e-5 if dtype == "float32" else 2 ** -7  # W_r: float32 sums in another order; bf16 rounding
+        factor_tol = 1e-5 if niter is None else 1e-4
+        weight_tol = factor_tol if dtype == "float32" else 2 ** -7  # W_r: float32 sums in another order; bf16 rounding
+        layers_gathered = 8 if niter is None else 1 if mixed(dtype, niter) else 0
+        assert got["gathered"] == layers_gathered * nproc, got["gathered"]  # _gather_to's calls, on all ranks
         for name, mod in sorsa.sorsa_modules(single):
             for key in ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r"):
                 want, have = getattr(mod, key).detach(), got["split"][f"{name}.{key}"]
                 assert have.dtype == want.dtype, (name, key)
-                tol = weight_tol if key == "W_r" else 1e-5
+                tol = weight_tol if key == "W_r" else factor_tol
                 assert torch.allclose(have.double(), want.double(), rtol=0, atol=tol * want.abs().max().item()), (name, key)
         with torch.no_grad():
             tol = 1e-5 if dtype == "float32" else 2e-2
@@ -304,6 +312,9 @@ def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
             assert got["unchanged"]
             assert got["midway"].startswith(f"split_sharded split {nproc} of 8 layers before this error, the rest still "
                                             "hold W_0") and f"rank {nproc - 1}: _LinAlgError: the SVD did not" in got["midway"]
+            if niter is not None:  # every rank's QRs of the first turn's sums, amid its collectives: none waits
+                assert got["amid"].startswith("split_sharded changed nothing: rank") \
+                    and f"rank {nproc - 1}: _LinAlgError: the QR did not" in got["amid"], got["amid"]
         off_orthonormality(single)
         train(single, x, torch.sin(3 * x), "fsdp")
         for k, v in sorsa.adapter_state_dict(single).items():
@@ -320,6 +331,31 @@ def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
             assert torch.allclose(got["merged"], single(x).float(), atol=10 * tol)
 
 
+def mixed(dtype, niter):
+    """Whether a split case holds 0.v_proj's W_r (18 x 18) by columns: gathered in a turn beside a sketched layer."""
+    return dtype == "float32" and niter is not None
+
+
+def failing_split(model, niter, here, owner, name, what):
+    """split_sharded's error (its message) when, on this rank if `here`, owner.name raises at its second call."""
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.linalg.LinAlgError(f"{what} did not converge")
+        return real(*args, **kwargs)
+    if here:
+        setattr(owner, name, failing)
+    try:
+        si.split_sharded(model, niter)
+        return ""
+    except ValueError as err:
+        return str(err)
+    finally:
+        setattr(owner, name, real)
+
+
 def split_cases(out):
     """Each case of SPLIT_CASES: meta, apply_sorsa, fully_shard, to_empty, a poisoned load refused, the real
     load, split_sharded; what it gives, gathered, written by rank 0 into out."""
@@ -334,6 +370,9 @@ def split_cases(out):
         model = copy.deepcopy(base).to("meta")  # as built with torch.device("meta"): shapes, no memory
         si.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
         placement = si.fsdp_shard_placement(model)
+        if mixed(dtype, niter):  # one W_r held by columns: gathered whole in a turn with a layer sketched
+            def placement(param, by_columns=model[0].v_proj.W_r, by_default=placement):
+                return Shard(1) if param is by_columns else by_default(param)
         for block in model:
             fully_shard(block, shard_placement_fn=placement)
         fully_shard(model, shard_placement_fn=placement)
@@ -351,24 +390,22 @@ def split_cases(out):
         unchanged = all(torch.equal(before[k].flatten().view(torch.uint8), v.to_local().flatten().view(torch.uint8))
                         for k, v in model.state_dict().items())  # bit for bit: to_empty's memory may hold NaN
         set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
-        real_factors = sorsa._factors
-        calls = []
-
-        def failing(*args):  # the last rank's second layer: the others must not wait for its broadcast
-            calls.append(1)
-            if len(calls) == 2:
-                raise torch.linalg.LinAlgError("the SVD did not converge")
-            return real_factors(*args)
-        if rank == world - 1:
-            sorsa._factors = failing
-        try:
-            si.split_sharded(model, niter)
-            midway = ""
-        except ValueError as err:
-            midway = str(err)
-        sorsa._factors = real_factors
+        midway = failing_split(model, niter, rank == world - 1, sorsa, "_factors", "the SVD")  # its second call
         set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)  # again
+        amid = ""
+        if niter is not None:  # the last rank's second QR: in the first turn's
+            amid = failing_split(model, niter, rank == world - 1, torch.linalg, "qr", "the QR")
+            set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
+        gathers, real_gather = [0], si._gather_to
+
+        def counted(*args):
+            gathers[0] += 1
+            return real_gather(*args)
+        si._gather_to = counted
         si.split_sharded(model, niter)
+        si._gather_to = real_gather
+        gathered = [None] * world
+        dist.all_gather_object(gathered, gathers[0])
         split = {k: v.full_tensor() for k, v in model.state_dict().items() if "." in k and k.rsplit(".", 1)[1] in
                  ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r")}
         with torch.no_grad():
@@ -384,7 +421,8 @@ def split_cases(out):
             merged = model(x).float()
         if rank == 0:
             torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged, "midway": midway,
-                        "trained": trained, "merged": merged}, os.path.join(out, f"{dtype}-{niter}.pt"))
+                        "amid": amid, "gathered": sum(gathered), "trained": trained, "merged": merged},
+                       os.path.join(out, f"{dtype}-{niter}.pt"))
 
 
 # ----------------------------------------------------------------------------- the worker, run by torchrun

@@ -665,7 +665,8 @@ def unsplit(base, rank, targets=None):
 @pytest.mark.parametrize("niter", [None, 2])
 def test_split_in_one_process_is_apply_sorsa_on_the_loaded_base(make, targets, niter):
     """Without torch.distributed, split_sharded on a model adapted on meta and loaded through base_state_for_sorsa
-    (Conv1D's (in, out) weights transposed) is sorsa.apply_sorsa on the base: the same computation, bit for bit."""
+    (Conv1D's (in, out) weights transposed) is sorsa.apply_sorsa on the base: the same factors bit for bit, and W_r
+    to float64 rounding (split_sharded subtracts W_p an 8th of the rows at a time, in other GEMM blocks)."""
     base = make(0)
     expected = copy.deepcopy(base)
     with warnings.catch_warnings():
@@ -676,7 +677,10 @@ def test_split_in_one_process_is_apply_sorsa_on_the_loaded_base(make, targets, n
     si.split_sharded(model, niter)
     got = model.state_dict()
     for key, value in expected.state_dict().items():
-        assert torch.equal(got[key], value), key
+        if key.endswith("W_r"):
+            assert torch.allclose(got[key], value, rtol=0, atol=1e-14 * value.abs().max().item()), key
+        else:
+            assert torch.equal(got[key], value), key
 
 
 def test_split_refuses_what_it_cannot_split_before_changing_anything():

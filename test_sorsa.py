@@ -227,6 +227,19 @@ def test_fast_svd_is_seeded_so_one_weight_gives_one_split():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@given(st.integers(1, 8), st.sampled_from([-1, 0, 1]), st.integers(0, 6), st.booleans(),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_the_randomized_svd_is_the_exact_one_where_its_sketch_would_span_the_weight(r, offset, extra, tall, dtype,
+                                                                                  niter, seed):
+    """The sketch has l = r + max(r, 10) columns; where l >= min(m, n) they would span W's whole range, so svd_split
+    takes the exact SVD (bit for bit niter=None's split), and one column narrower it sketches (another computation)."""
+    k = r + max(r, 10) + offset  # min(m, n): one below l, l, or one above
+    m, n = (k + extra, k) if tall else (k, k + extra)
+    W_0 = make_linear(m, n, dtype, seed).weight.detach()
+    same = all(torch.equal(a, b) for a, b in zip(svd_split(W_0, r), svd_split(W_0, r, niter)))
+    assert same == (offset <= 0)
+
+
 def test_split_leaves_the_weight_untouched_and_runs_without_grad():
     lin = make_linear(6, 5, torch.float32, 0)
     before = lin.weight.detach().clone()
