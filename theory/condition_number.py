@@ -217,8 +217,8 @@ def main(tasks=30):
         cells = [(statistics.median(u[f][k] for u, _ in evolution), statistics.median(r[f][k] for _, r in evolution))
                  for k in ("kappa_Wp", "kappa_U", "kappa_V")]
         print(f"{f:5.2f}" + "".join(f"{a:11.4f} -> {b:7.4f}" for a, b in cells))
-    print(f"\nSection 4 at equal fit, 10 tasks: the regularized run at its end against the unregularized run at"
-          f"\nthe first step that fits as well; ratios reg/unreg, then min-max over tasks")
+    print("\nSection 4 at equal fit, 10 tasks: the regularized run at its end against the unregularized run at"
+          "\nthe first step that fits as well; ratios reg/unreg, then min-max over tasks")
     for ratio in GAMMA_OVER_LR:
         rows = equal_fit(task, range(10), ratio * task.lr)
         sig, d, steps = zip(*rows)

@@ -162,7 +162,7 @@ def main():
                   for scale in (0.01, 0.1, 1, 10, 100, 1000)]
         print(f"  {'squared' if squared else 'paper':>8}: " + ", ".join(f"{v:.6e}" for v in values)
               + "   (c = 0.01, 0.1, 1, 10, 100, 1000)")
-    print(f"  1000 steps: mean L_reg over the last 100 at a constant lr (/ lr), and the final L_reg on the cosine schedule")
+    print("  1000 steps: mean L_reg over the last 100 at a constant lr (/ lr), and the final L_reg on the cosine schedule")
     print(f"{'lr':>8} {'form':>8} {'constant: mean':>15} {'/ lr':>7} {'cosine: final':>14}")
     for lr in (1e-4, 1e-3, 1e-2, 0.1, 0.3):
         for squared in (False, True):
