@@ -437,7 +437,7 @@ def _every_rank_agrees(error, group, device, done):
                                                               if e is not None))
 
 
-def _sketch(mod, niter):
+def _omega(mod, niter):
     """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD (sorsa._factors's,
     its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several ranks; else None."""
     dim, _, world = _shard_dim(mod.W_r)
@@ -447,18 +447,18 @@ def _sketch(mod, niter):
     return sorsa._sketch(mod.W_r.shape, mod.rank, niter, W.device, sorsa._wide_dtype(W.dtype))
 
 
-def _sketch_turn(turn, sketches, niter, group):
-    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with a sketch (Omega (n, l);
-    None: gathered instead), W_0 left in its row shards: ([(Q (m, l), Q^T W_0 (l, n)) or None] on every rank, an
-    error message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's rows): W_0 X
-    has rows W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of every layer's,
-    one all-reduce adds the turn's parts together, and every rank takes the same QRs of the same sums. Only (m + n) l
-    numbers a layer and product travel, never W_0."""
-    layers = [(mod, Omega) for mod, Omega in zip(turn, sketches) if Omega is not None]
+def _sketch_turn(turn, omegas, niter, group):
+    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with an Omega (n, l) (None:
+    gathered instead), W_0 left in its row shards: ([(Q (m, l), Q^T W_0 (l, n)) or None] on every rank, an error
+    message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's rows): W_0 X has rows
+    W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of every layer's, one
+    all-reduce a step adds the turn's parts (m l or n l numbers a layer), and every rank takes the same QRs of the
+    same sums. W_0 itself never travels."""
+    layers = [(mod, Omega) for mod, Omega in zip(turn, omegas) if Omega is not None]
     error = None
 
     def attempt(compute, shape, like):  # a failure is kept, and zeros keep every rank's collectives in step
-        nonlocal error
+        nonlocal error  # (compute, a lambda over loop variables, is called at once)
         if error is None:
             try:
                 return compute()
@@ -471,28 +471,29 @@ def _sketch_turn(turn, sketches, niter, group):
         dist.all_reduce(flat, group=group)
         return [f.view(p.shape).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]), parts)]
 
-    def W(mod, Omega):  # (m_i, n): this rank's rows of W_0, in the SVD's dtype
+    def local_W(mod, Omega):  # (m_i, n): this rank's rows of W_0, in the SVD's dtype
         return _local(mod.W_r).detach().to(Omega.dtype)
 
-    def rows(mod, Omega, X):  # this rank's rows of W_0 X (m, l), zeros in the others'
+    def W_times(mod, Omega, X):  # W_0 X (m, l): this rank's rows of it, zeros in the others'
         Y = Omega.new_zeros(mod.W_r.shape[0], X.shape[1])
-        _part(Y, mod.W_r).copy_(attempt(lambda: W(mod, Omega) @ X, _part(Y, mod.W_r).shape, Omega))
+        _part(Y, mod.W_r).copy_(attempt(lambda: local_W(mod, Omega) @ X, _part(Y, mod.W_r).shape, Omega))
         return Y
 
     def bases(sums):  # (k, l) with orthonormal columns spanning each sum's
         return [attempt(lambda: torch.linalg.qr(Y).Q, Y.shape, Y) for Y in sums]
 
-    with torch.no_grad(), sorsa._ieee_matmuls():  # as sorsa._factors: Q = qr(W Omega), niter times qr(W qr(W^T Q))
-        Qs = bases(summed([rows(mod, Omega, Omega) for mod, Omega in layers]))
-        for _ in range(niter):
-            Ps = bases(summed([attempt(lambda: W(mod, Omega).T @ _part(Q, mod.W_r), (Omega.shape[0], Q.shape[1]), Q)
-                               for (mod, Omega), Q in zip(layers, Qs)]))  # W_0^T Q (n, l)
+    with torch.no_grad(), sorsa._ieee_matmuls():  # as in sorsa._factors, line by line:
+        Qs = bases(summed([W_times(mod, Omega, Omega) for mod, Omega in layers]))  # Q = qr(W Omega)
+        for _ in range(niter):  # Q = qr(W qr(W^T Q))
+            Ps = bases(summed([attempt(lambda: local_W(mod, Omega).T @ _part(Q, mod.W_r), (Omega.shape[0], Q.shape[1]),
+                                       Q) for (mod, Omega), Q in zip(layers, Qs)]))  # qr(W^T Q) (n, l)
             del Qs  # before the next sums are made: one (m, l) a layer fewer at the peak
-            Qs = bases(summed([rows(mod, Omega, P) for (mod, Omega), P in zip(layers, Ps)]))
-        Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
-                     for (mod, Omega), Q in zip(layers, Qs)])  # Q^T W_0 (l, n)
+            Qs = bases(summed([W_times(mod, Omega, P) for (mod, Omega), P in zip(layers, Ps)]))
+            del Ps
+        Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ local_W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
+                     for (mod, Omega), Q in zip(layers, Qs)])  # Q^T W (l, n): its SVD is split_sharded's, on rank k
     done = iter(zip(Qs, Bs))
-    return [None if Omega is None else next(done) for Omega in sketches], error
+    return [None if Omega is None else next(done) for Omega in omegas], error
 
 
 def _share(mod, factors, owner, group):
@@ -519,7 +520,9 @@ def split_sharded(model, niter=None):
     every rank keeps its shards and turns its part of W_0 into W_r = W_0 - U_p diag(S_p) Vt_p (Eq. 2). No rank holds
     more than one layer's whole W_0 beyond its shards (randomized: none). Without torch.distributed (whole tensors)
     it splits every layer itself. Bad input (a non-finite W_0 shard) raises on every rank before anything changes;
-    a failure raises on every rank, naming how many layers the earlier turns split."""
+    a failure in a rank's computation (a product, a QR, an SVD) raises on every rank, naming how many layers the
+    earlier turns split (running out of memory inside a collective is not caught: the others then wait in it)."""
+    sorsa._check_split_arguments(niter, None)
     found = sorsa.sorsa_modules(model)
     layers = [mod for _, mod in found]
     if not layers:
@@ -533,24 +536,27 @@ def split_sharded(model, niter=None):
                        if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):
         turn = layers[start:start + world]  # layer start + k is rank k's to split
-        sketches = [_sketch(mod, niter) for mod in turn]  # randomized and held by rows: W_0 is never gathered
-        sums, error = [None] * len(turn), None
-        if any(Omega is not None for Omega in sketches):
-            sums, error = _sketch_turn(turn, sketches, niter, group)
-        whole = [_gather_to(mod.W_r, k) if Omega is None else None for k, (mod, Omega) in enumerate(zip(turn, sketches))]
+        omegas = [_omega(mod, niter) for mod in turn]  # randomized and held by rows: W_0 is never gathered
+        gathered = [Omega is None for Omega in omegas]
+        sketched, error = [None] * len(turn), None
+        if not all(gathered):
+            sketched, error = _sketch_turn(turn, omegas, niter, group)
+        del omegas
+        sketched = sketched[me] if me < len(turn) else None  # (Q, Q^T W_0) of this rank's layer, or None
+        whole = [_gather_to(mod.W_r, k) if g else None for k, (mod, g) in enumerate(zip(turn, gathered))]
         mine = None
         if me < len(turn) and error is None:
             mod = turn[me]
             try:
-                if sums[me] is None:  # no whole W_r: each rank turns its part of W_0 into it below
+                if sketched is None:  # no whole W_r: each rank turns its part of W_0 into it below
                     mine = sorsa._factors(whole[me], mod.rank, niter, mod.U_p.dtype)
-                else:  # the randomized SVD's end: the SVD of Q^T W_0 (l, n), U_p = Q U_small
-                    Q, B = sums[me]
+                else:  # the randomized SVD's end, as in _factors: U_small, S, Vt = svd(Q^T W), U = Q U_small
+                    Q, B = sketched  # (_factors on B: the exact SVD of (l, n), U_small orthonormalized, then U again)
                     U_small, S_p, Vt_p = sorsa._factors(B, mod.rank, None, mod.U_p.dtype)
                     mine = sorsa._orthonormalized(Q @ U_small.to(Q.dtype)).to(mod.U_p.dtype), S_p, Vt_p
             except Exception as err:  # told to every rank below, so none waits for this one
                 error = f"{type(err).__name__}: {err}"
-        del whole, sums
+        del whole, sketched
         _every_rank_agrees(error, group, device, f"split {start} of {len(layers)} layers before this error, the rest "
                            "still hold W_0 (load the base weights again and split again)" if start else "changed nothing")
         for k, mod in enumerate(turn):

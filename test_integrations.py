@@ -698,6 +698,12 @@ def test_split_refuses_what_it_cannot_split_before_changing_anything():
         with pytest.raises(ValueError, match=r"changed nothing: rank 0: W_0 of 1.up holds NaN or Inf"):
             si.split_sharded(model)
         assert all(torch.equal(before[k].view(torch.uint8), v.view(torch.uint8)) for k, v in model.state_dict().items())
+    model.load_state_dict(si.base_state_for_sorsa(model, base.state_dict()), strict=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for niter in (-1, 2.5, True):  # as apply_sorsa refuses them, before anything changes
+        with pytest.raises(ValueError, match=r"niter must be None \(exact SVD\) or an int >= 0, got"):
+            si.split_sharded(model, niter)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_split_that_fails_midway_says_how_far_it_got(monkeypatch):
