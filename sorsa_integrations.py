@@ -447,15 +447,33 @@ def _omega(mod, niter):
     return sorsa._sketch(mod.W_r.shape, mod.rank, niter, W.device, sorsa._wide_dtype(W.dtype))
 
 
-def _sketch_turn(turn, omegas, niter, group):
-    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with an Omega (n, l) (None:
-    gathered instead), W_0 left in its row shards: ([(Q (m, l), Q^T W_0 (l, n)) or None] on every rank, an error
-    message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's rows): W_0 X has rows
-    W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of every layer's, one
-    all-reduce a step adds the turn's parts (m l or n l numbers a layer), and every rank takes the same QRs of the
-    same sums. W_0 itself never travels."""
-    layers = [(mod, Omega) for mod, Omega in zip(turn, omegas) if Omega is not None]
-    error = None
+def _sketch_width(mod, niter):
+    """_omega's width l, or None (the Omega drawn and dropped: sorsa._sketch alone holds the rule)."""
+    Omega = _omega(mod, niter)
+    return None if Omega is None else Omega.shape[1]
+
+
+def _sketch_turn(turn, widths, niter, group):
+    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with a sketch width l (None:
+    gathered instead), W_0 left in its row shards: ((Q (m, l), Q^T W_0 (l, n)) of this rank's layer, turn[rank], or
+    None; an error message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's
+    rows): W_0 X has rows W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of
+    every layer's, one all-reduce a step adds a batch's parts (m l or n l numbers a layer), and every rank takes the
+    same QRs of the same sums. W_0 itself never travels. A batch is as many layers as fit in the turn's largest
+    W_0's bytes: their Omega, parts and sums, (2 m + 2 n) l numbers a layer at the peak, beside the float32 copy of
+    a rank's rows that a bf16 W_0 needs."""
+    layers = [(mod, l, sorsa._wide_dtype(mod.W_r.dtype)) for mod, l in zip(turn, widths) if l is not None]
+    me, world, error, mine = dist.get_rank(group), dist.get_world_size(group), None, None
+    copies = [-(-mod.W_r.shape[0] // world) * mod.W_r.shape[1] * wide.itemsize  # local_W's of a bf16 W_0's rows
+              for mod, _, wide in layers if mod.W_r.dtype != wide]
+    room = max(mod.W_r.numel() * mod.W_r.element_size() for mod in turn) - max(copies + [0])  # the largest W_0's bytes
+    batches, held = [], room  # the same on every rank: shapes and dtypes only
+    for mod, l, wide in layers:
+        need = 2 * sum(mod.W_r.shape) * l * wide.itemsize  # (2 m + 2 n) l numbers
+        if held + need > room:
+            batches, held = batches + [[]], 0
+        batches[-1].append(mod)
+        held += need
 
     def attempt(compute, shape, like):  # a failure is kept, and zeros keep every rank's collectives in step
         nonlocal error  # (compute, a lambda over loop variables, is called at once)
@@ -466,7 +484,7 @@ def _sketch_turn(turn, omegas, niter, group):
                 error = f"{type(err).__name__}: {err}"
         return like.new_zeros(shape)
 
-    def summed(parts):  # each rank's parts of the turn's sums -> the sums, on every rank: one message
+    def summed(parts):  # each rank's parts of the batch's sums -> the sums, on every rank: one message
         flat = torch.cat([p.flatten() for p in parts])
         dist.all_reduce(flat, group=group)
         return [f.view(p.shape).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]), parts)]
@@ -482,18 +500,20 @@ def _sketch_turn(turn, omegas, niter, group):
     def bases(sums):  # (k, l) with orthonormal columns spanning each sum's
         return [attempt(lambda: torch.linalg.qr(Y).Q, Y.shape, Y) for Y in sums]
 
-    with torch.no_grad(), sorsa._ieee_matmuls():  # as in sorsa._factors, line by line:
-        Qs = bases(summed([W_times(mod, Omega, Omega) for mod, Omega in layers]))  # Q = qr(W Omega)
-        for _ in range(niter):  # Q = qr(W qr(W^T Q))
-            Ps = bases(summed([attempt(lambda: local_W(mod, Omega).T @ _part(Q, mod.W_r), (Omega.shape[0], Q.shape[1]),
-                                       Q) for (mod, Omega), Q in zip(layers, Qs)]))  # qr(W^T Q) (n, l)
-            del Qs  # before the next sums are made: one (m, l) a layer fewer at the peak
-            Qs = bases(summed([W_times(mod, Omega, P) for (mod, Omega), P in zip(layers, Ps)]))
-            del Ps
-        Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ local_W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
-                     for (mod, Omega), Q in zip(layers, Qs)])  # Q^T W (l, n): its SVD is split_sharded's, on rank k
-    done = iter(zip(Qs, Bs))
-    return [None if Omega is None else next(done) for Omega in omegas], error
+    for batch in batches:
+        batch = [(mod, _omega(mod, niter)) for mod in batch]  # drawn again here: no Omega outlives its batch
+        with torch.no_grad(), sorsa._ieee_matmuls():  # as in sorsa._factors, line by line:
+            Qs = bases(summed([W_times(mod, Omega, Omega) for mod, Omega in batch]))  # Q = qr(W Omega)
+            for _ in range(niter):  # Q = qr(W qr(W^T Q))
+                Ps = bases(summed([attempt(lambda: local_W(mod, Omega).T @ _part(Q, mod.W_r),
+                                           (Omega.shape[0], Q.shape[1]), Q) for (mod, Omega), Q in zip(batch, Qs)]))
+                del Qs  # before the next sums are made: one (m, l) a layer fewer at the peak
+                Qs = bases(summed([W_times(mod, Omega, P) for (mod, Omega), P in zip(batch, Ps)]))
+                del Ps
+            Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ local_W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
+                         for (mod, Omega), Q in zip(batch, Qs)])  # Q^T W (l, n): its SVD is split_sharded's, on rank k
+        mine = next(((Q, B) for (mod, _), Q, B in zip(batch, Qs, Bs) if me < len(turn) and mod is turn[me]), mine)
+    return mine, error
 
 
 def _share(mod, factors, owner, group):
@@ -536,13 +556,11 @@ def split_sharded(model, niter=None):
                        if bad else None, group, device, "changed nothing")
     for start in range(0, len(layers), world):
         turn = layers[start:start + world]  # layer start + k is rank k's to split
-        omegas = [_omega(mod, niter) for mod in turn]  # randomized and held by rows: W_0 is never gathered
-        gathered = [Omega is None for Omega in omegas]
-        sketched, error = [None] * len(turn), None
+        widths = [_sketch_width(mod, niter) for mod in turn]  # randomized and held by rows: W_0 is never gathered
+        gathered = [width is None for width in widths]
+        sketched, error = None, None  # (Q, Q^T W_0) of this rank's layer, where it is sketched
         if not all(gathered):
-            sketched, error = _sketch_turn(turn, omegas, niter, group)
-        del omegas
-        sketched = sketched[me] if me < len(turn) else None  # (Q, Q^T W_0) of this rank's layer, or None
+            sketched, error = _sketch_turn(turn, widths, niter, group)
         whole = [_gather_to(mod.W_r, k) if g else None for k, (mod, g) in enumerate(zip(turn, gathered))]
         mine = None
         if me < len(turn) and error is None:

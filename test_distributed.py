@@ -255,6 +255,7 @@ def test_train_tiny_under_torchrun_fsdp_matches_one_process(tmp_path):
 
 
 SPLIT_TARGETS = ["q_proj", "v_proj", "up", "down"]
+SPLIT_WIDTHS = dict(d=120, h=25)  # wide enough that the randomized split sums two 120 x 120 layers in one message
 SPLIT_CASES = [("float32", None), ("bfloat16", None), ("float32", 2), ("bfloat16", 2)]  # (base dtype, niter)
 
 
@@ -269,12 +270,22 @@ def off_orthonormality(model):
 
 
 def split_reference(dtype, niter):
-    """One process: the base model, and it adapted whole (sorsa.apply_sorsa), with an input batch of 12."""
+    """One process: the base model, and it adapted whole (sorsa.apply_sorsa, on one thread as torchrun's workers run:
+    LAPACK's SVD rounds differently on two), with an input batch of 12."""
     from test_sorsa import rand, toy_model
-    base = toy_model(0, **WIDTHS, dtype=getattr(torch, dtype))
+    base = toy_model(0, **SPLIT_WIDTHS, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # a decaying spectrum, as pretrained weights have: the top r singular triplets stand apart
+        for layer in base.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(0.9 ** torch.arange(layer.in_features, dtype=layer.weight.dtype))
     model = copy.deepcopy(base)
-    sorsa.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
-    x = rand(12, WIDTHS["d"], seed=7, dtype=base[0].q_proj.weight.dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sorsa.apply_sorsa(model, 4, SPLIT_TARGETS, niter=niter)
+    finally:
+        torch.set_num_threads(threads)
+    x = rand(12, SPLIT_WIDTHS["d"], seed=7, dtype=base[0].q_proj.weight.dtype)
     return base, model, x
 
 
@@ -282,12 +293,13 @@ def split_reference(dtype, niter):
 def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
     """Built on the meta device, adapted there for its shapes, fully_shard-ed, loaded with the base weights
     by set_model_state_dict, then si.split_sharded: the exact SVD of each layer's gathered W_0 by one rank in
-    turn; the randomized one with no W_0 ever gathered (the ranks' rows multiplied where they lie). Widths
-    WIDTHS, so the ranks hold uneven rows (13 + 12, 9 + 9 + 7) of a width-25 W_r and keep a width-25 Vt_p on rows;
-    one randomized case holds a W_r by columns, which is gathered in a turn beside a sketched layer.
-    Against sorsa.apply_sorsa in one process: the factors, W_r and the output to rounding (exact: float32 SVDs,
-    which may run in other threads, 1e-5; randomized: float32 products summed in another order, then QRs of the
-    sketch, whose columns the power iterations make nearly parallel, 1e-4; bf16 W_r: one bf16 rounding); 3 SGD
+    turn; the randomized one with no W_0 ever gathered (the ranks' rows multiplied where they lie, two 120 x 120
+    layers summed in one message). Widths SPLIT_WIDTHS, so the ranks hold uneven rows (13 + 12, 9 + 9 + 7) of a
+    width-25 W_r and keep a width-25 Vt_p on rows; one randomized case holds a W_r by columns, which is gathered in a
+    turn beside a sketched layer; the weights' spectra decay, as pretrained ones do. Against sorsa.apply_sorsa in one
+    process: the factors, W_r and the output to rounding (exact: float32, 1e-5; randomized: float32 products summed
+    in another order, then QRs of a sketch whose columns the power iterations make nearly parallel, 1e-4 (1.1e-5
+    seen; on random weights' flat spectra up to 2.5e-4); bf16 W_r: one bf16 rounding); 3 SGD
     steps as the other FSDP2 tests; the adapter, the PEFT export and the merge. A NaN in one rank's shard raises
     on every rank, unchanged; an SVD failing on the last rank in the second turn raises on every rank, saying how
     far the split got, and so (randomized) does a QR failing on the last rank amid the first turn's collectives."""
@@ -299,6 +311,9 @@ def test_a_model_sharded_before_its_split_equals_one_process(launched, nproc):
         weight_tol = factor_tol if dtype == "float32" else 2 ** -7  # W_r: float32 sums in another order; bf16 rounding
         layers_gathered = 8 if niter is None else 1 if mixed(dtype, niter) else 0
         assert got["gathered"] == layers_gathered * nproc, got["gathered"]  # _gather_to's calls, on all ranks
+        if niter is not None:  # float32: two 120 x 120 layers' W_0 X (120 x 14 each) in one message; a bf16 W_0's
+            # float32 copy of its rows leaves no room beside one layer: one at a time
+            assert got["largest_sum"] == (2 if dtype == "float32" else 1) * 120 * 14, got["largest_sum"]
         for name, mod in sorsa.sorsa_modules(single):
             for key in ("U_p", "S_p", "Vt_p", "U_p0", "S_p0", "Vt_p0", "W_r"):
                 want, have = getattr(mod, key).detach(), got["split"][f"{name}.{key}"]
@@ -396,14 +411,18 @@ def split_cases(out):
         if niter is not None:  # the last rank's second QR: in the first turn's
             amid = failing_split(model, niter, rank == world - 1, torch.linalg, "qr", "the QR")
             set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
-        gathers, real_gather = [0], si._gather_to
+        gathers, sums, real_gather, real_all_reduce = [0], [0], si._gather_to, dist.all_reduce
 
         def counted(*args):
             gathers[0] += 1
             return real_gather(*args)
-        si._gather_to = counted
+
+        def summing(tensor, **kwargs):  # the largest message: how many layers the split sums at once
+            sums[0] = max(sums[0], tensor.numel())
+            return real_all_reduce(tensor, **kwargs)
+        si._gather_to, dist.all_reduce = counted, summing
         si.split_sharded(model, niter)
-        si._gather_to = real_gather
+        si._gather_to, dist.all_reduce = real_gather, real_all_reduce
         gathered = [None] * world
         dist.all_gather_object(gathered, gathers[0])
         split = {k: v.full_tensor() for k, v in model.state_dict().items() if "." in k and k.rsplit(".", 1)[1] in
@@ -421,7 +440,8 @@ def split_cases(out):
             merged = model(x).float()
         if rank == 0:
             torch.save({"split": split, "output": output, "refused": refused, "unchanged": unchanged, "midway": midway,
-                        "amid": amid, "gathered": sum(gathered), "trained": trained, "merged": merged},
+                        "amid": amid, "gathered": sum(gathered), "largest_sum": sums[0], "trained": trained,
+                        "merged": merged},
                        os.path.join(out, f"{dtype}-{niter}.pt"))
 
 
