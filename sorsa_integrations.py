@@ -513,6 +513,7 @@ def _sketch_turn(turn, widths, niter, group):
             Bs = summed([attempt(lambda: _part(Q, mod.W_r).T @ local_W(mod, Omega), (Q.shape[1], Omega.shape[0]), Q)
                          for (mod, Omega), Q in zip(batch, Qs)])  # Q^T W (l, n): its SVD is split_sharded's, on rank k
         mine = next(((Q, B) for (mod, _), Q, B in zip(batch, Qs, Bs) if me < len(turn) and mod is turn[me]), mine)
+        del batch, Qs, Bs  # before the next batch: only this rank's layer's are kept
     return mine, error
 
 
