@@ -83,20 +83,18 @@ def _orthonormalized(factor):
     Q, R = torch.linalg.qr(factor.double())  # (k, r), (r, r) with a diagonal of ~+-1
     return (Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).to(factor.dtype)  # each column kept itself
 
-def _sketch(shape, rank, niter, device, dtype):
-    """The randomized SVD's Omega (n, l) for W (m, n), l = r + max(r, 10) oversampled for accurate top singular values,
-    seeded (one weight always gives one split); None where the exact SVD runs: niter None, or l >= min(m, n)."""
-    l = rank + max(rank, 10)
-    gen = None if niter is None or l >= min(shape) else torch.Generator(device=device).manual_seed(0)
-    return None if gen is None else torch.randn(shape[1], l, generator=gen, device=device, dtype=dtype)
+def _sketch(W, rank, niter):
+    """Omega (n, l) of W (m, n)'s randomized SVD, l = r + max(r, 10), seeded, in W's wide dtype; None: the exact SVD."""
+    l = rank + max(rank, 10)  # oversampled for accurate top singular values; seeded: one weight always gives one split
+    g = None if niter is None or l >= min(W.shape) or W.is_meta else torch.Generator(device=W.device).manual_seed(0)
+    return None if g is None else torch.randn(W.shape[1], l, generator=g, device=W.device, dtype=_wide_dtype(W.dtype))
 
 def _factors(weight, rank, niter, factor_dtype):
     """U_p (m, r), S_p (r,), Vt_p (r, n) of W (Eq. 1), by an exact or randomized SVD in float32 or wider (a bf16 SVD
     fails), orthonormalized, in factor_dtype (default: float32, or float64 for a float64 W)."""
     W = weight.detach().to(_wide_dtype(weight.dtype))  # (m, n)
     with torch.no_grad(), _ieee_matmuls():  # the sketch's products too in IEEE float32
-        Omega = None if W.is_meta else _sketch(W.shape, rank, niter, W.device, W.dtype)  # (n, l)
-        if Omega is None:
+        if (Omega := _sketch(W, rank, niter)) is None:  # else Omega (n, l)
             U, S, Vt = torch.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
         else:
             Q = torch.linalg.qr(W @ Omega).Q  # (m, l)
@@ -421,7 +419,6 @@ def load_adapter(model, state, factor_dtype=None, check_base=True, source="the a
     model = _model_to_convert(model, "load_adapter")
     _check_split_arguments(None, factor_dtype)
     layers = _adapter_layers(model, state, source, check_base)
-
     def build(name):  # one layer at a time, as _convert asks
         base = model.get_submodule(name)
         W_0 = _base_weight(base)

@@ -441,10 +441,7 @@ def _omega(mod, niter):
     """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD (sorsa._factors's,
     its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several ranks; else None."""
     dim, _, world = _shard_dim(mod.W_r)
-    W = _local(mod.W_r)
-    if world == 1 or dim != 0:
-        return None
-    return sorsa._sketch(mod.W_r.shape, mod.rank, niter, W.device, sorsa._wide_dtype(W.dtype))
+    return None if world == 1 or dim != 0 else sorsa._sketch(mod.W_r, mod.rank, niter)  # shape: the whole W_0's
 
 
 def _sketch_width(mod, niter):
