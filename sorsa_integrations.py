@@ -437,6 +437,14 @@ def _every_rank_agrees(error, group, device, done):
                                                               if e is not None))
 
 
+def _in_one_message(parts, send):
+    """send(flat) once, flat the parts flattened row-major into one tensor (whatever layout each has: LAPACK's Q is
+    column-major, and a collective sends memory as it lies); the parts again, read back from flat."""
+    flat = torch.cat([p.flatten() for p in parts])
+    send(flat)
+    return [f.view(p.shape).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
+
 def _omega(mod, niter):
     """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD (sorsa._factors's,
     its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several ranks; else None."""
@@ -482,9 +490,7 @@ def _sketch_turn(turn, widths, niter, group):
         return like.new_zeros(shape)
 
     def summed(parts):  # each rank's parts of the batch's sums -> the sums, on every rank: one message
-        flat = torch.cat([p.flatten() for p in parts])
-        dist.all_reduce(flat, group=group)
-        return [f.view(p.shape).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]), parts)]
+        return _in_one_message(parts, lambda flat: dist.all_reduce(flat, group=group))
 
     def local_W(mod, Omega):  # (m_i, n): this rank's rows of W_0, in the SVD's dtype
         return _local(mod.W_r).detach().to(Omega.dtype)
@@ -517,14 +523,11 @@ def _sketch_turn(turn, widths, niter, group):
 def _share(mod, factors, owner, group):
     """Broadcast a layer's U_p, S_p, Vt_p from rank `owner` (factors: None on the others) as one message, then _fill
     every rank's shards from them."""
-    shapes = [p.shape for p in (mod.U_p, mod.S_p, mod.Vt_p)]
-    if factors is None:
-        flat = torch.empty(sum(s.numel() for s in shapes), dtype=mod.U_p.dtype, device=_local(mod.U_p).device)
-    else:
-        flat = torch.cat([t.flatten() for t in factors])  # row-major, whatever the layout LAPACK gave
+    if factors is None:  # the other ranks receive into these
+        factors = [torch.empty(p.shape, dtype=p.dtype, device=_local(p).device) for p in (mod.U_p, mod.S_p, mod.Vt_p)]
     if group is not None:
-        dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
-    _fill(mod, *(t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes)))
+        factors = _in_one_message(factors, lambda flat: dist.broadcast(flat, dist.get_global_rank(group, owner), group))
+    _fill(mod, *factors)
 
 
 def split_sharded(model, niter=None):
