@@ -307,7 +307,9 @@ def argument_parser(defaults, description=__doc__):
     parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
                         help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
                              "no native bf16 (T4, V100); 'on': bf16")
-    gamma_help = "SORSA's gamma / its lr (Eq. 6): the paper's nominal 13.3, its runs' 0.208 (docs/gamma.md); "
+    gamma_help = ("SORSA's gamma / its lr (Eq. 6), L_reg the mean over factor matrices (the authors' scale): "
+                  "the paper's nominal 13.3, the effective 0.208 its runs had (their trainer divided by 64 steps: "
+                  "docs/gamma.md); ")
     for field in defaults.FLAGS:
         value = getattr(defaults, field)
         parser.add_argument(f"--{field}", type=type(value),
