@@ -236,10 +236,11 @@ def regularizer_overhead(device, model_cfg, batch_size):
     rng = random.Random(0)
     problems = [train_tiny.word_problem(rng) for _ in range(batch_size)]
     runtime = train_tiny.Runtime(device, amp=device.type == "cuda")
+    scaler = runtime.grad_scaler()  # bf16 or none: a disabled GradScaler, whose calls pass through
 
     def step(gamma):
         def call():
-            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, runtime)
+            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, runtime, scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return call

@@ -209,7 +209,7 @@ def tiny_steps(model, rt, steps=2):
     import train_tiny
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR)
-    return [train_tiny.train_step(model, opt, params, problems, GAMMA, LR, rt).item()
+    return [train_tiny.train_step(model, opt, params, problems, GAMMA, LR, rt, rt.grad_scaler()).item()
             for problems in train_tiny.training_batches(0, train_tiny.Config(steps=steps, batch_size=8), set())]
 
 

@@ -14,8 +14,8 @@ run also measures forgetting: held-out pretraining loss and arithmetic accuracy 
     python train_tiny.py --seeds 3        # every method on seeds 0-2: mean +- std
     torchrun --standalone --nproc_per_node 2 train_tiny.py      # DDP (add --fsdp for FSDP2)
 
-Top to bottom: data, model, methods (one table), settings, where it runs (devices and processes), the
-training step (the lines to copy), the base model, evaluation, fine-tuning, report.
+Top to bottom: data, model, methods, settings, where it runs, the training step (the lines to copy),
+the base model, evaluation, fine-tuning, report.
 """
 
 import argparse
@@ -58,22 +58,18 @@ def encode(text):
 def decode(ids):
     return "".join(VOCAB[i] for i in ids if i != PAD)
 
-def operands(rng, op):
-    """Numbers the base model learns to combine: sums and differences to 10, products to 9 x 9."""
-    if op == "*":
-        return rng.randint(2, 9), rng.randint(2, 9)
-    a = rng.randint(0, 10)
-    return (a, rng.randint(0, a)) if op == "-" else (a, rng.randint(0, 10))
-
-def apply_op(a, op, b):
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
+def fact(rng):
+    """(a, op, b, a op b): what the base model learns, sums and differences to 10, products to 9 x 9."""
+    op = rng.choice("+-*")
+    a = rng.randint(2, 9) if op == "*" else rng.randint(0, 10)
+    b = rng.randint(2, 9) if op == "*" else rng.randint(0, a) if op == "-" else rng.randint(0, 10)
+    return a, op, b, {"+": a + b, "-": a - b, "*": a * b}[op]
 
 def pretrain_line(rng):
     """One line of the base corpus: an arithmetic fact (4 lines in 5), or a plain sentence."""
-    op = rng.choice("+-*")
-    a, b = operands(rng, op)
+    a, op, b, c = fact(rng)
     if rng.random() < 0.8:
-        return f"{a}{op}{b}={apply_op(a, op, b)}"
+        return f"{a}{op}{b}={c}"
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     return rng.choice([f"{name} has {a} {item}.", f"{name} gets {b} {item}.",
                        f"{name} gives away {b} {item}.", f"{name} has {a} bags of {b} {item}."])
@@ -81,13 +77,12 @@ def pretrain_line(rng):
 def word_problem(rng):
     """(prompt, answer): a question the base model never saw; the answer writes the arithmetic
     out as the base model learned it ("7+5=12"), like a worked solution in MetaMathQA."""
-    op = rng.choice("+-*")
-    a, b = operands(rng, op)
+    a, op, b, c = fact(rng)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     text = {"+": f"{name} has {a} {item} and gets {b} more.",
             "-": f"{name} has {a} {item} and gives away {b}.",
             "*": f"{name} has {a} bags of {b} {item}."}[op]
-    return f"{text} how many?", f"{a}{op}{b}={apply_op(a, op, b)}"
+    return f"{text} how many?", f"{a}{op}{b}={c}"
 
 def held_out(cfg):
     """(test problems, validation problems): disjoint, and never drawn for training. The comparison
@@ -228,15 +223,11 @@ class LowRankLinear(nn.Module):
         layer.bias = None if self.bias is None else nn.Parameter(whole(self.bias).clone(), requires_grad=False)
         return layer
 
-def adapt_sorsa(model, targets, rank):
-    """SORSA: each target nn.Linear split into trainable U_p, S_p, Vt_p and a frozen W_r (sorsa.py)."""
-    sorsa.apply_sorsa(model, rank, target_modules=targets)
-
 def target_names(model, targets):
     """The names of the model's nn.Linear layers whose last part is in targets."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
 
-def adapt_low_rank(init, model, targets, rank):
+def adapt_low_rank(init, model, rank, targets):
     """Each target nn.Linear replaced by init(linear, rank) (LowRankLinear.lora or .pissa): only A, B train."""
     model.requires_grad_(False)
     for name in target_names(model, targets):
@@ -244,24 +235,22 @@ def adapt_low_rank(init, model, targets, rank):
 
 @dataclass(frozen=True)
 class Method:
-    adapt: callable  # adapt(model, targets, rank): makes a copy of the base model trainable the method's way
+    adapt: callable  # adapt(model, rank, targets): makes a copy of the base model trainable the method's way
     lr_scale: float = 1.0  # trained at Config.lr times this: SORSA 1.5x, as the paper's 3e-5 vs 2e-5
     regularized: bool = False  # SORSA's Eq. 6 with gamma = Config.gamma_ratio * lr
-    squared: bool = False  # the regularizer squared (an extra, not the paper's)
 
 METHODS = {
-    "sorsa": Method(adapt_sorsa, 1.5, regularized=True),
-    "sorsa_g0": Method(adapt_sorsa, 1.5),  # SORSA without its regularizer: gamma = 0
+    "sorsa": Method(sorsa.apply_sorsa, 1.5, regularized=True),  # trainable U_p, S_p, Vt_p, frozen W_r (sorsa.py)
+    "sorsa_g0": Method(sorsa.apply_sorsa, 1.5),  # SORSA without its regularizer: gamma = 0
     "pissa": Method(functools.partial(adapt_low_rank, LowRankLinear.pissa)),
     "lora": Method(functools.partial(adapt_low_rank, LowRankLinear.lora)),
-    "full": Method(lambda model, targets, rank: model.requires_grad_(True)),
-    "sorsa_sq": Method(adapt_sorsa, 1.5, regularized=True, squared=True),
+    "full": Method(lambda model, rank, targets: model.requires_grad_(True)),
 }
 
 def prepare(method, base, cfg):
     """A fresh copy of the base model, set up for `method`."""
     model = copy.deepcopy(base)
-    METHODS[method].adapt(model, cfg.targets.split(","), cfg.rank)
+    METHODS[method].adapt(model, cfg.rank, cfg.targets.split(","))
     return model
 
 # ----------------------------------------------------------------------------- the run's settings
@@ -285,7 +274,7 @@ class Config:
     pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    autocast: str = "auto"  # auto: on CUDA only, bf16 (fp16 + GradScaler where the GPU has no bf16); on (bf16), fp16, off
+    autocast: str = "auto"  # on CUDA only, bf16 (fp16 + GradScaler without bf16); on (bf16), fp16, off
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP
     out: str = "runs/tiny"  # log, plot, adapter
     cache: str = "runs/cache"  # pretrained base models, keyed by their configuration
@@ -300,27 +289,31 @@ class Config:
 
 QUICK = dict(model=GPTConfig(n_layer=2, d_model=64), pretrain_steps=300, steps=40, test_size=100, val_size=100)
 
+CHOICES = {"device": ["auto", "cpu", "cuda"], "autocast": ["auto", "on", "fp16", "off"]}
+HELP = {"autocast": "auto: on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has no native bf16 "
+                    "(T4, V100); on: bf16;",
+        "gamma_ratio": "SORSA's gamma / its lr (Eq. 6), L_reg the mean over factor matrices (the authors' scale): "
+                       "the paper's nominal 13.3, the effective 0.208 its runs had (their trainer divided by 64 "
+                       "steps: docs/gamma.md);",
+        "fsdp": "under torchrun: FSDP2 (fully_shard) instead of DDP",
+        "quick": "smoke run: short pretraining and fine-tuning"}
+
 def argument_parser(defaults, description=__doc__):
     """The demo's command-line flags, defaults from a Config (theory/comparison.py adds its own)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"default {defaults.device!r}")
-    parser.add_argument("--autocast", choices=["auto", "on", "fp16", "off"],
-                        help="default 'auto': on CUDA only, in bf16, or in fp16 with a GradScaler where the GPU has "
-                             "no native bf16 (T4, V100); 'on': bf16")
-    gamma_help = ("SORSA's gamma / its lr (Eq. 6), L_reg the mean over factor matrices (the authors' scale): "
-                  "the paper's nominal 13.3, the effective 0.208 its runs had (their trainer divided by 64 steps: "
-                  "docs/gamma.md); ")
-    for field in defaults.FLAGS:
+    for field in ("device", "autocast", *defaults.FLAGS):
         value = getattr(defaults, field)
-        parser.add_argument(f"--{field}", type=type(value),
-                            help=f"{gamma_help if field == 'gamma_ratio' else ''}default {value!r}")
-    parser.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
-    parser.add_argument("--quick", action="store_true", default=None, help="smoke run: short pretraining and fine-tuning")
+        parser.add_argument(f"--{field}", type=type(value), choices=CHOICES.get(field),
+                            help=f"{HELP.get(field, '')} default {value!r}".strip())
+    for switch in ("fsdp", "quick"):
+        parser.add_argument(f"--{switch}", action="store_true", default=None, help=HELP[switch])
     return parser
 
-def config_from(parser, defaults, argv=None):
+def parse_args(argv=None, defaults=None, parser=None):
     """The Config the command line gives (--quick's settings under anything given explicitly); bad values
-    exit with status 2 and a message."""
+    exit with status 2 and a message. theory/comparison.py passes its own defaults and parser."""
+    defaults = defaults or Config()
+    parser = parser or argument_parser(defaults)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     cfg = dataclasses.replace(defaults, **{**(QUICK if args.quick else {}), **given})  # given flags win
@@ -345,18 +338,12 @@ def config_from(parser, defaults, argv=None):
     for flag, folder in (("out", cfg.out), ("cache", cfg.cache)):
         try:
             os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:
             parser.error(f"cannot write to {folder}: {err.strerror}; pass a writable --{flag}")
     return cfg
 
-def parse_args(argv=None):
-    """The demo's Config from the command line."""
-    defaults = Config()
-    return config_from(argument_parser(defaults), defaults, argv)
-
-# ----------------------------------------------------------------------------- where it runs: device, autocast, torchrun
+# ----------------------------------------------------------------------------- where it runs: devices and processes
 
 @dataclass
 class Runtime:
@@ -377,12 +364,17 @@ class Runtime:
         if self.main:
             print(*args, **kwargs)
 
+    def progress(self, phase, step, steps, loss):
+        """Step and loss about every 5% of a phase's steps (rank 0)."""
+        if step == steps or step % max(1, steps // 20) == 0:
+            self.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}", flush=True)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def grad_scaler(self):
-        """A new GradScaler under fp16 autocast (its range flushes small gradients to 0), else None."""
-        return torch.amp.GradScaler(self.device.type) if self.amp and self.amp_dtype == torch.float16 else None
+        """A new GradScaler, enabled under fp16 autocast only (whose range flushes small gradients to 0)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
 
 def start_runtime(cfg):
     """The Runtime of this process: under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set, as
@@ -398,6 +390,13 @@ def start_runtime(cfg):
     no_bf16 = cfg.autocast == "auto" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False)
     amp_dtype = torch.float16 if cfg.autocast == "fp16" or no_bf16 else torch.bfloat16
     return Runtime(device, amp, rank, world, cfg.fsdp and world > 1, amp_dtype)
+
+def describe(cfg, runtime):
+    """One line saying what this run computes, and where."""
+    return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, "
+            f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, "
+            f"methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
+            f"{cfg.steps} steps, seeds {cfg.seeds}")
 
 def distribute(model, runtime):
     """The model as it trains under torchrun: DDP, or FSDP2 by block (SORSA's Vt_p by columns,
@@ -419,7 +418,7 @@ def sorsa_sharded(method, base, cfg, runtime):
     rank splitting every world-th layer (sorsa_integrations.split_sharded). No rank holds the whole model."""
     with torch.device("meta"):
         model = TinyGPT(cfg.model)
-    METHODS[method].adapt(model, cfg.targets.split(","), cfg.rank)  # shapes only: nothing is computed on meta
+    METHODS[method].adapt(model, cfg.rank, cfg.targets.split(","))  # shapes only: nothing is computed on meta
     distribute(model, runtime).to_empty(device=runtime.device)
     set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()),
                          options=StateDictOptions(full_state_dict=True, strict=False))  # U_p, S_p, Vt_p: the split's
@@ -427,24 +426,43 @@ def sorsa_sharded(method, base, cfg, runtime):
     return model
 
 # ----------------------------------------------------------------------------- the training step: the lines to copy
-# SORSA's own lines, all told: the layers (METHODS' adapt_sorsa), the optimizer over the trainable factors
+# SORSA's own lines, all told: the layers (METHODS' sorsa.apply_sorsa), the optimizer over the trainable factors
 # (finetune), gamma and its peak lr (Config.gamma, finetune), and the regularizer's gradient here.
 
-def optimizer_step(model, opt, params, loss, scaler=None, gamma=0.0, lr_max=None, squared=False):
+def answer_loss(model, batch, runtime, divisor=None):
+    """Cross-entropy on the answer tokens, summed and divided by `divisor` (default: this batch's token count)."""
+    x, y, mask = batch
+    with runtime.autocast():
+        logits = model(x)
+    return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (divisor or mask.sum())
+
+def optimizer_step(model, opt, params, loss, scaler, gamma=0.0, lr_max=None):
     """One step of the paper's recipe, in the authors' order: backward, the gradient clipped to norm 1.0,
-    (gamma / lr_max) grad L_reg added unclipped (Eq. 6; lr_max: the schedule's peak lr), the optimizer's step."""
+    (gamma / lr_max) grad L_reg added unclipped (Eq. 6; lr_max: the schedule's peak lr), the optimizer's step.
+    scaler: Runtime.grad_scaler()'s, whose calls do nothing but outside fp16 autocast."""
     opt.zero_grad()
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    if scaler is not None:  # fp16: unscaled before the clip; L_reg's gradient added to a scaled one would vanish
-        scaler.unscale_(opt)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # fp16: unscaled before the clip; L_reg's gradient added to a scaled one would vanish
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     if gamma > 0:
-        sorsa.add_regularizer_grad(model, gamma, lr_max, squared)  # Eq. 6's second term
-    if scaler is None:
-        opt.step()
-    else:
-        scaler.step(opt)  # skipped where the scaled gradient overflowed
-        scaler.update()
+        sorsa.add_regularizer_grad(model, gamma, lr_max)  # Eq. 6's second term
+    scaler.step(opt)  # skipped where fp16's scaled gradient overflowed
+    scaler.update()
+
+def train_step(model, opt, params, problems, gamma, lr_max, runtime, scaler):
+    """One step on a global batch of problems: this rank's share of the answer loss, then the paper's
+    step (optimizer_step). Returns the global batch's answer loss."""
+    # This rank's problems; its summed loss divided by the global batch's answer tokens (" answer\n") over the
+    # world size, so that DDP's mean of the ranks' gradients is one process's gradient.
+    divisor = sum(len(a) + 1 for _, a in problems) / runtime.world
+    batch = problem_batch(problems[runtime.rank::runtime.world], runtime.device)
+    loss = answer_loss(model, batch, runtime, divisor)
+    optimizer_step(model, opt, params, loss, scaler, gamma, lr_max)
+    loss = loss.detach()
+    if runtime.world > 1:
+        dist.all_reduce(loss)
+        loss /= runtime.world  # the ranks' mean: the global batch's loss
+    return loss
 
 # ----------------------------------------------------------------------------- the base model, cached
 
@@ -460,13 +478,17 @@ def pretraining_batches(cfg, base_seed):
     rng = random.Random(base_seed)
     return (pretrain_chunks(rng, cfg, cfg.pretrain_batch) for _ in range(cfg.pretrain_steps))
 
+def heldout_text(cfg, n=256):
+    """n windows (n, T + 1) of the base corpus from a stream of their own: never drawn in pretraining."""
+    return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
+
 def lm_loss(model, chunk, runtime):
     """Next-character cross-entropy at every position of windows (B, T + 1): pretraining's loss."""
     with runtime.autocast():
         logits = model(chunk[:, :-1])  # (B, T, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
 
-def pretrain(cfg, base_seed, runtime, progress):
+def pretrain(cfg, base_seed, runtime):
     """(TinyGPT trained on the generated corpus, its final loss): initialization and data from base_seed."""
     torch.manual_seed(base_seed)
     model = TinyGPT(cfg.model).to(runtime.device)
@@ -476,10 +498,10 @@ def pretrain(cfg, base_seed, runtime, progress):
         loss = lm_loss(model, chunk.to(runtime.device), runtime)
         optimizer_step(model, opt, list(model.parameters()), loss, scaler)
         schedule.step()
-        progress("pretrain", step + 1, cfg.pretrain_steps, loss.item())
+        runtime.progress("pretrain", step + 1, cfg.pretrain_steps, loss.item())
     return model, loss.item()
 
-def base_model(cfg, base_seed, runtime, progress):
+def base_model(cfg, base_seed, runtime):
     """(the base model pretrained with base_seed, its cache file): from the cache when a file made with this
     configuration is there and intact, else pretrained now and cached atomically with a checksum (a truncated,
     corrupted or foreign cache is rebuilt, never trusted). Under torchrun rank 0 does it while the others wait."""
@@ -503,7 +525,7 @@ def base_model(cfg, base_seed, runtime, progress):
             if os.path.exists(path):
                 runtime.say(f"base model: cache {path} unusable ({err}); pretraining again")
             start = time.time()
-            model, loss = pretrain(cfg, base_seed, runtime, progress)
+            model, loss = pretrain(cfg, base_seed, runtime)
             os.makedirs(cfg.cache, exist_ok=True)
             si.save_checked({k: v.cpu() for k, v in model.state_dict().items()}, path, key=key, loss=loss)
             runtime.say(f"base model {base_seed}: pretrained in {time.time() - start:.0f} s, loss {loss:.3f}, "
@@ -514,13 +536,6 @@ def base_model(cfg, base_seed, runtime, progress):
     return model.to(runtime.device), path
 
 # ----------------------------------------------------------------------------- evaluation
-
-def answer_loss(model, batch, runtime, divisor=None):
-    """Cross-entropy on the answer tokens, summed and divided by `divisor` (default: this batch's token count)."""
-    x, y, mask = batch
-    with runtime.autocast():
-        logits = model(x)
-    return F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / (divisor or mask.sum())
 
 @torch.no_grad()
 def greedy(model, prompts, new_tokens, runtime):
@@ -552,13 +567,9 @@ def evaluate(model, problems, runtime):
 def arithmetic_accuracy(model, runtime, n=200):
     """Share of n random facts ("7+5=") that the model completes correctly: what pretraining taught."""
     rng = random.Random("facts")
-    facts = [(a, op, b) for op in (rng.choice("+-*") for _ in range(n)) for a, b in [operands(rng, op)]]
-    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b in facts], 3, runtime)
-    return sum(g == str(apply_op(a, op, b)) for g, (a, op, b) in zip(got, facts)) / n
-
-def heldout_text(cfg, n=256):
-    """n windows (n, T + 1) of the base corpus from a stream of their own: never drawn in pretraining."""
-    return pretrain_chunks(random.Random("held-out pretraining text"), cfg, n)
+    facts = [fact(rng) for _ in range(n)]
+    got = greedy(model, [f"\n{a}{op}{b}=" for a, op, b, _ in facts], 3, runtime)
+    return sum(g == str(c) for g, (*_, c) in zip(got, facts)) / n
 
 @torch.no_grad()
 def pretraining_skills(model, heldout, runtime):
@@ -583,48 +594,34 @@ def weight_change(model, base, names):
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def train_step(model, opt, params, problems, gamma, lr_max, runtime, squared=False, scaler=None):
-    """One step on a global batch of problems: this rank's share of the answer loss, then the paper's
-    step (optimizer_step). Returns the global batch's answer loss."""
-    # This rank's problems; its summed loss divided by the global batch's answer tokens (" answer\n") over the
-    # world size, so that DDP's mean of the ranks' gradients is one process's gradient.
-    divisor = sum(len(a) + 1 for _, a in problems) / runtime.world
-    batch = problem_batch(problems[runtime.rank::runtime.world], runtime.device)
-    loss = answer_loss(model, batch, runtime, divisor)
-    optimizer_step(model, opt, params, loss, scaler=scaler, gamma=gamma, lr_max=lr_max, squared=squared)
-    loss = loss.detach()
-    if runtime.world > 1:
-        dist.all_reduce(loss)
-        loss /= runtime.world  # the ranks' mean: the global batch's loss
-    return loss
-
-def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=True):
+def finetune(method, lr, base, data, cfg, seed, runtime, log_path=None, curve=True):
     """Fine-tune one method with one seed at learning rate lr on one base model (data: its EvalData);
-    the reported numbers, and the model. log(row) gets the test scores at 5 points of the run (curve)
+    the reported numbers, and the model. log_path gets the test scores at 5 points of the run (curve)
     or at its end only."""
     torch.manual_seed(seed)  # LoRA's initialization
-    if runtime.fsdp and METHODS[method].adapt is adapt_sorsa:
+    if runtime.fsdp and METHODS[method].adapt is sorsa.apply_sorsa:
         model = sorsa_sharded(method, base, cfg, runtime)
     else:
         model = distribute(prepare(method, base, cfg), runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule, scaler = sorsa.cosine_schedule(opt, cfg.steps), runtime.grad_scaler()
-    gamma, squared = cfg.gamma(method, lr), METHODS[method].squared
+    gamma = cfg.gamma(method, lr)
     names = target_names(base, cfg.targets.split(","))
     losses, step_time = [], 0.0
     for step, problems in enumerate(training_batches(seed, cfg, exclude={p for p, _ in data.test + data.val})):
         start = time.perf_counter()
-        loss = train_step(model, opt, params, problems, gamma, lr, runtime, squared, scaler)
+        loss = train_step(model, opt, params, problems, gamma, lr, runtime, scaler)
         schedule.step()
         step_time += time.perf_counter() - start
         losses.append(loss.item())
-        progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
+        runtime.progress(f"{method} seed {seed}", step + 1, cfg.steps, loss.item())
         if (curve and (step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0)) or step + 1 == cfg.steps:
             eval_loss, acc = evaluate(model, data.test, runtime)
             d_sigma, d_d = weight_change(model, base, names)
-            log({"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
-                 "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d})
+            row = {"method": method, "lr": lr, "seed": seed, "step": step + 1, "train_loss": loss.item(),
+                   "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d}
+            append_jsonl(log_path, row, runtime)
     val_loss, val_acc = evaluate(model, data.val, runtime)
     forget_loss, forget_arithmetic = forgetting(model, data, runtime)
     tail = losses[-max(1, cfg.steps // 10):]  # eval_loss, acc, d_sigma, d_d below: the loop's last evaluation
@@ -633,13 +630,13 @@ def finetune(method, lr, base, data, cfg, seed, runtime, progress, log, curve=Tr
             "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
             "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * step_time / cfg.steps}, model
 
+@torch.no_grad()
 def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
-    """The SORSA model saved as an adapter and reloaded into a fresh base, and merged in place into
-    plain nn.Linear layers, against the trained one: accuracy, logits, file sizes."""
+    """The SORSA model saved as an adapter and reloaded into a fresh base, and merged in place into plain
+    nn.Linear layers, against the trained one: accuracy, logits, file sizes (printed, and returned)."""
     model = sorsa.unwrap(model)  # DDP's wrapper is for training; FSDP2 shards in place
     x = problem_batch(test, runtime.device)[0]
-    with torch.no_grad():
-        logits = model(x).float()
+    logits = model(x).float()
     path = os.path.join(cfg.out, "sorsa_adapter.pt")
     si.save_adapter(model, path)  # FSDP2's shards gathered on every rank, rank 0 writes, every rank waits for it
     reloaded = copy.deepcopy(base)
@@ -647,10 +644,12 @@ def check_merge_and_adapter(model, base, test, cfg, runtime, base_path):
     sorsa.merge_sorsa(model)  # the last use of the trained model
     rows = {}
     for label, m in (("merged", model), ("reloaded", reloaded)):
-        with torch.no_grad():
-            diff = (m(x).float() - logits).abs().max().item()
+        diff = (m(x).float() - logits).abs().max().item()
         rows[label] = (evaluate(m, test, runtime)[1], diff)
-    return rows, os.path.getsize(path), os.path.getsize(base_path)
+        runtime.say(f"SORSA {label}: accuracy {rows[label][0]:.1%}, max |logit difference| {diff:.2e}")
+    sizes = os.path.getsize(path), os.path.getsize(base_path)
+    runtime.say(f"adapter file {sizes[0] / 1e3:.0f} kB; base model file {sizes[1] / 1e3:.0f} kB")
+    return rows, *sizes
 
 # ----------------------------------------------------------------------------- the report
 
@@ -687,34 +686,15 @@ def plot(log_path, out):
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     print(f"plot: {os.path.join(out, 'curves.png')}")
 
-class Progress:
-    """Prints step, loss and an ETA over a phase's planned steps, about every 5% of each part (rank 0)."""
-
-    def __init__(self, total_steps, runtime):
-        self.total, self.done, self.start, self.runtime = total_steps, 0, time.time(), runtime
-
-    def __call__(self, phase, step, steps, loss):
-        self.done += 1
-        if step == steps or step % max(1, steps // 20) == 0:
-            eta = (time.time() - self.start) / self.done * max(0, self.total - self.done)
-            self.runtime.say(f"  {phase:>16}  step {step:4d}/{steps}  loss {loss:.3f}  eta {eta:4.0f} s", flush=True)
-
 def append_jsonl(path, row, runtime):
-    """Append one JSON line to a log (rank 0 only)."""
-    if runtime.main:
+    """Append one JSON line to a log (rank 0 only; none without a path)."""
+    if path and runtime.main:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-def describe(cfg, runtime):
-    """One line saying what this run computes, and where."""
-    return (f"device {runtime.device}, {runtime.world} process(es){' (FSDP2)' if runtime.fsdp else ''}, "
-            f"autocast {str(runtime.amp_dtype).removeprefix('torch.') if runtime.amp else 'off'}, "
-            f"methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, "
-            f"{cfg.steps} steps, seeds {cfg.seeds}")
-
-def prepare_base(cfg, base_seed, runtime, progress):
+def prepare_base(cfg, base_seed, runtime):
     """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task), measured once."""
-    base, path = base_model(cfg, base_seed, runtime, progress)
+    base, path = base_model(cfg, base_seed, runtime)
     base.requires_grad_(False)
     test, val = held_out(cfg)
     heldout = heldout_text(cfg)
@@ -725,41 +705,31 @@ def prepare_base(cfg, base_seed, runtime, progress):
     return base, path, data, (loss, acc)
 
 def run(cfg):
-    """The demo: every method on seeds 0 .. seeds-1 of one base model, and SORSA's seed 0 merged and reloaded."""
-    runtime = start_runtime(cfg)
-    methods = cfg.methods.split(",")
+    """The demo: every method on seeds 0 .. seeds-1 of one base model, the table and the plot, then SORSA's
+    seed-0 model saved, reloaded and merged. Returns what it printed: base scores, results, checks."""
+    start, runtime = time.time(), start_runtime(cfg)
     runtime.say(describe(cfg, runtime))
-    pretraining = Progress(cfg.pretrain_steps, runtime)
-    base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime, pretraining)
-    progress = Progress(len(methods) * cfg.seeds * cfg.steps, runtime)
-    os.makedirs(cfg.out, exist_ok=True)
+    base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if runtime.main:
+        os.makedirs(cfg.out, exist_ok=True)
         open(log_path, "w").close()
-    results, checks = {}, None
-    for method in methods:
+    results, trained_sorsa, checks = {}, None, None
+    for method in cfg.methods.split(","):
         for seed in range(cfg.seeds):
-            result, model = finetune(method, METHODS[method].lr_scale * cfg.lr, base, data, cfg, seed, runtime, progress,
-                                     lambda row: append_jsonl(log_path, row, runtime))
+            result, model = finetune(method, METHODS[method].lr_scale * cfg.lr, base, data, cfg, seed, runtime, log_path)
             results.setdefault(method, []).append(result)
-            if method == "sorsa" and seed == 0:
-                checks = check_merge_and_adapter(model, base, data.test, cfg, runtime, base_path)
+            trained_sorsa = model if (method, seed) == ("sorsa", 0) else trained_sorsa
+    runtime.say(f"\nbase model: eval loss {base_scores[0]:.3f}, accuracy {base_scores[1]:.1%}\n{results_table(results)}")
+    if runtime.main:
+        plot(log_path, cfg.out)
+    if trained_sorsa is not None:  # none when SORSA was not among the methods
+        checks = check_merge_and_adapter(trained_sorsa, base, data.test, cfg, runtime, base_path)
+    runtime.say(f"log: {log_path}\ntotal time {time.time() - start:.0f} s")
     return {"base": base_scores, "runtime": runtime, "log": log_path, "checks": checks, "results": results}
 
 def main(argv=None):
-    """The demo: run it, then on rank 0 the table, the plot and the SORSA model's merge and reload checks."""
-    start, cfg = time.time(), parse_args(argv)
-    result = run(cfg)
-    if result["runtime"].main:
-        print(f"\nbase model: eval loss {result['base'][0]:.3f}, accuracy {result['base'][1]:.1%}")
-        print(results_table(result["results"]))
-        plot(result["log"], cfg.out)
-        if result["checks"]:  # none when SORSA was not among the methods
-            rows, adapter_bytes, base_bytes = result["checks"]
-            for label, (acc, diff) in rows.items():
-                print(f"SORSA {label}: accuracy {acc:.1%}, max |logit difference| {diff:.2e}")
-            print(f"adapter file {adapter_bytes / 1e3:.0f} kB; base model file {base_bytes / 1e3:.0f} kB")
-        print(f"log: {result['log']}\ntotal time {time.time() - start:.0f} s")
+    run(parse_args(argv))
     if dist.is_initialized():
         si.end_distributed()  # not a plain destroy_process_group: its docstring says why
 

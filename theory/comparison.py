@@ -245,7 +245,6 @@ def run(cfg):
     methods, bases, seeds = cfg.methods.split(","), cfg.base_seed_list(), range(cfg.seeds)
     runtime.say(train_tiny.describe(cfg, runtime) + f", learning rates {cfg.lrs}, base models {cfg.base_seeds}")
     planned = len(methods) * (cfg.seeds * (len(cfg.sweep_lrs()) + 2 * cfg.refine) + len(bases) * cfg.final_seeds)
-    progress = train_tiny.Progress(planned * cfg.steps, runtime)
     os.makedirs(cfg.out, exist_ok=True)
     log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
     done, prepared = finished_runs(sweep_path, key), {}
@@ -253,19 +252,16 @@ def run(cfg):
     def runs(method, lr, seeds, base_seed):
         """Fine-tune (or find in the sweep log) method at lr on these seeds of one base model."""
         if base_seed not in prepared:
-            prepared[base_seed] = train_tiny.prepare_base(cfg, base_seed, runtime,
-                                                          train_tiny.Progress(cfg.pretrain_steps, runtime))
+            prepared[base_seed] = train_tiny.prepare_base(cfg, base_seed, runtime)
         base, _, data, _ = prepared[base_seed]
         out = []
         for seed in seeds:
             if (method, lr, seed, base_seed) not in done:
-                result, _ = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, progress,
-                                                lambda row: train_tiny.append_jsonl(log_path, row, runtime), curve=False)
+                runtime.say(f"{method} at lr {lr:g}, seed {seed}, base model {base_seed} ({len(done)} of {planned} planned runs done)")
+                result, _ = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, log_path, curve=False)
                 done[(method, lr, seed, base_seed)] = result
                 train_tiny.append_jsonl(sweep_path, {"key": key, "method": method, "lr": lr, "seed": seed,
                                                      "base_seed": base_seed, "result": result}, runtime)
-            else:
-                progress.total -= cfg.steps
             out.append(done[(method, lr, seed, base_seed)])
         return out
 
@@ -307,7 +303,7 @@ def parse_args(argv=None):
     """A Comparison from the command line."""
     defaults = Comparison()
     parser = argument_parser(defaults)
-    cfg = train_tiny.config_from(parser, defaults, argv)
+    cfg = train_tiny.parse_args(argv, defaults, parser)
     try:
         if not all(lr > 0 for lr in cfg.sweep_lrs()):
             raise ValueError

@@ -38,13 +38,13 @@ def tiny_gpt_layers(seeds=(0, 1)):
     import train_tiny
     cfg = train_tiny.Config()
     runtime = train_tiny.start_runtime(cfg)
-    base, _, data, _ = train_tiny.prepare_base(cfg, 0, runtime, lambda *a: None)
+    base, _, data, _ = train_tiny.prepare_base(cfg, 0, runtime)
     out = {}
     for seed in seeds:
         kappas = {}
         for method in ("sorsa_g0", "sorsa"):
             lr = train_tiny.METHODS[method].lr_scale * cfg.lr
-            _, model = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, lambda *a: None, lambda row: None)
+            _, model = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime)
             for name, layer in sorsa.sorsa_modules(model):
                 W_p = (layer.U_p * layer.S_p) @ layer.Vt_p
                 W_p0 = (layer.U_p0 * layer.S_p0) @ layer.Vt_p0
