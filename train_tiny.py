@@ -5,8 +5,9 @@ The base model learns sums, differences and products ("12+7=19") and sentences (
 from a corpus this script generates; the task, which it never saw, is word problems answered with
 that arithmetic ("ann has 12 pens and gets 7 more. how many? 12+7=19"), scored like GSM-8K (exact
 match of the greedy answer on held-out problems), loss on the answer only. The recipe is the paper's:
-AdamW, no weight decay, cosine schedule with 3% warm-up, clipping 1.0, bf16 autocast on CUDA. Each
-run also measures forgetting: held-out pretraining loss and arithmetic accuracy against the base.
+AdamW, no weight decay, cosine schedule with 3% warm-up, clipping 1.0, bf16 autocast on CUDA (fp16
+with a GradScaler on GPUs without bf16). Each run also measures forgetting: held-out pretraining loss
+and arithmetic accuracy against the base.
 
     python train_tiny.py                  # CPU; the base model is cached for the next run
     python train_tiny.py --device cuda    # GPU
@@ -274,7 +275,7 @@ class Config:
     pretrain_steps: int = 2500
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    autocast: str = "auto"  # on CUDA only, bf16 (fp16 + GradScaler without bf16); on (bf16), fp16, off
+    autocast: str = "auto"  # auto: CUDA only, bf16 (fp16 + GradScaler without bf16); on (bf16), fp16, off
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP
     out: str = "runs/tiny"  # log, plot, adapter
     cache: str = "runs/cache"  # pretrained base models, keyed by their configuration
@@ -710,16 +711,17 @@ def run(cfg):
     start, runtime = time.time(), start_runtime(cfg)
     runtime.say(describe(cfg, runtime))
     base, base_path, data, base_scores = prepare_base(cfg, cfg.base_seed, runtime)
+    os.makedirs(cfg.out, exist_ok=True)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if runtime.main:
-        os.makedirs(cfg.out, exist_ok=True)
         open(log_path, "w").close()
     results, trained_sorsa, checks = {}, None, None
     for method in cfg.methods.split(","):
         for seed in range(cfg.seeds):
             result, model = finetune(method, METHODS[method].lr_scale * cfg.lr, base, data, cfg, seed, runtime, log_path)
             results.setdefault(method, []).append(result)
-            trained_sorsa = model if (method, seed) == ("sorsa", 0) else trained_sorsa
+            if method == "sorsa" and seed == 0:
+                trained_sorsa = model  # checked once the table is out
     runtime.say(f"\nbase model: eval loss {base_scores[0]:.3f}, accuracy {base_scores[1]:.1%}\n{results_table(results)}")
     if runtime.main:
         plot(log_path, cfg.out)

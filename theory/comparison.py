@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from matplotlib.figure import Figure
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sorsa_integrations as si
 import train_tiny
@@ -257,7 +257,8 @@ def run(cfg):
         out = []
         for seed in seeds:
             if (method, lr, seed, base_seed) not in done:
-                runtime.say(f"{method} at lr {lr:g}, seed {seed}, base model {base_seed} ({len(done)} of {planned} planned runs done)")
+                runtime.say(f"{method} at lr {lr:g}, seed {seed}, base model {base_seed} "
+                            f"({len(done)} of {planned} planned runs done)")
                 result, _ = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, log_path, curve=False)
                 done[(method, lr, seed, base_seed)] = result
                 train_tiny.append_jsonl(sweep_path, {"key": key, "method": method, "lr": lr, "seed": seed,
