@@ -467,10 +467,11 @@ def llama_section(device, quick):
 # ----------------------------------------------------------------------------- 7. distributed (under torchrun)
 
 
-def distributed_section():
+def distributed_section(quick):
     """DDP and FSDP2 on one small adapted model, 2 processes: what DDP broadcasts per step with
     the frozen tensors as buffers (as before) and as frozen parameters (now), step times against
-    one process with the same global batch, and the base weights each rank holds under FSDP2."""
+    one process with the same global batch, and the base weights each rank holds under FSDP2.
+    quick: layers of 256 instead of 1024, and the split's at a quarter of their width."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo")
@@ -485,9 +486,11 @@ def distributed_section():
 
     DDP._distributed_broadcast_coalesced = counting_broadcast
 
+    width = 256 if quick else 1024
+
     def model(as_buffers=False):
         torch.manual_seed(0)
-        m = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(6)])
+        m = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(6)])
         sorsa.apply_sorsa(m, 16)
         if as_buffers:  # the layer as it was: W_r, the initial factors and the bias as buffers
             for _, layer in sorsa.sorsa_modules(m):
@@ -497,7 +500,7 @@ def distributed_section():
                     layer.register_buffer(key, tensor)
         return m
 
-    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(1))
     local = x.chunk(world)[rank]
 
     def stepper(m, batch):
@@ -539,9 +542,9 @@ def distributed_section():
         fully_shard(block, shard_placement_fn=sorsa_integrations.fsdp_shard_placement(fsdp))
     fully_shard(fsdp)
     local_bytes = sum(l.W_r.to_local().nbytes for _, l in sorsa.sorsa_modules(fsdp))
-    split = sharded_split(rank, world)
+    split = sharded_split(rank, world, 4 if quick else 1)
     if rank == 0:
-        print(f"7. {world} gloo processes, 6 SORSA layers of 1024x1024 at r 16, global batch 64 (each rank 32):")
+        print(f"7. {world} gloo processes, 6 SORSA layers of {width}x{width} at r 16, global batch 64 (each rank 32):")
         print(f"   DDP broadcast per step: {per_step['before'] / 2**20:.1f} MiB with the frozen tensors as buffers "
               f"(before), {per_step['now'] / 2**20:.1f} MiB as frozen parameters (now)")
         print(f"   step: DDP now {times['ddp_now'] * 1e3:.1f} ms, DDP before {times['ddp_before'] * 1e3:.1f} ms, "
@@ -569,7 +572,7 @@ def steal_ticks():
     return ticks[7], sum(ticks)
 
 
-def sharded_split(rank, world, layers=12):
+def sharded_split(rank, world, divisor=1, layers=12):
     """Adapting after sharding (sorsa_integrations.split_sharded), exact (1024x1024 layers at r 16) and randomized
     (niter 2; 2048x2048 at r 32: at 1024 its 6 all-reduces a turn, ~2 ms each on gloo here, outweigh its work), on a model
     made on the meta device whose ranks each make only their rows of W_0: each rank's peak memory during the
@@ -578,10 +581,13 @@ def sharded_split(rank, world, layers=12):
     and the split's time against one process splitting the whole model (sorsa.apply_sorsa on
     rank 0): wall-clock, and CPU time (the work each rank did, whatever the host lent), with the share of the
     CPUs the host took away meanwhile (steal). One thread per process (torchrun's default); before measuring,
-    every process has run both SVDs at this size and one split (LAPACK's and gloo's one-time set-up)."""
+    every process has run both SVDs at this size and one split (LAPACK's and gloo's one-time set-up). divisor:
+    the layers' width and rank divided by it (4: bench.py --quick)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    names, cases = [str(i) for i in range(layers)], (("exact", None, 1024, 16), ("randomized", 2, 2048, 32))
+    names = [str(i) for i in range(layers)]
+    cases = [(label, niter, size // divisor, r // divisor)
+             for label, niter, size, r in (("exact", None, 1024, 16), ("randomized", 2, 2048, 32))]
     ctypes.CDLL(None).mallopt(-3, 1 << 16)  # glibc: M_MMAP_THRESHOLD fixed at 64 KiB, so freed tensors leave
     # the resident memory at once and its peak counts what was alive together, not the heap's fragments
     for _, niter, size, r in cases:
@@ -589,17 +595,18 @@ def sharded_split(rank, world, layers=12):
     sent = [0]
     real_send, real_broadcast, real_all_reduce = dist.send, dist.broadcast, dist.all_reduce
 
-    def send(tensor, dst, **kw):
+    # Counting wrappers with torch.distributed's own signatures: the companion passes the group positionally.
+    def send(tensor, dst, *args, **kw):
         sent[0] += tensor.nbytes
-        return real_send(tensor, dst, **kw)
+        return real_send(tensor, dst, *args, **kw)
 
-    def broadcast(tensor, src, **kw):
+    def broadcast(tensor, src, *args, **kw):
         sent[0] += tensor.nbytes * (world - 1) if dist.get_rank() == src else 0
-        return real_broadcast(tensor, src, **kw)
+        return real_broadcast(tensor, src, *args, **kw)
 
-    def all_reduce(tensor, **kw):  # a ring all-reduce's share: each rank sends 2 (world - 1) / world of the tensor
+    def all_reduce(tensor, *args, **kw):  # a ring all-reduce's share: each rank sends 2 (world - 1) / world of it
         sent[0] += tensor.nbytes * 2 * (world - 1) // world
-        return real_all_reduce(tensor, **kw)
+        return real_all_reduce(tensor, *args, **kw)
 
     def split_once(niter, size, r):
         """(wall seconds, CPU seconds, the host's steal share, (bytes its shards hold, bytes the peak grew), bytes
@@ -779,7 +786,8 @@ def argument_parser():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer cases, under a minute")
     parser.add_argument("--distributed", action="store_true",
-                        help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
+                        help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed "
+                             "(with --quick: its layers 4x narrower)")
     parser.add_argument("--peft", action="store_true", help="section 8 alone: SORSA against PEFT (needs transformers, peft)")
     parser.add_argument("--llama", action="store_true",
                         help="section 6 alone: a Llama-shaped model against PEFT's PiSSA (needs transformers, peft)")
@@ -794,7 +802,7 @@ def main(argv=None):
     if args.distributed:
         if "WORLD_SIZE" not in os.environ:
             parser.error("--distributed runs under torchrun: torchrun --standalone --nproc_per_node 2 bench.py --distributed")
-        return distributed_section()
+        return distributed_section(args.quick)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {device}{' (' + name + ')' if device.type == 'cuda' else ''}, "

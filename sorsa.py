@@ -221,7 +221,8 @@ class _Gram(torch.autograd.Function):
     def backward(ctx, grad):
         (factors,) = ctx.saved_tensors
         with torch.autocast(factors.device.type, enabled=False), _ieee_matmuls():
-            return factors @ (grad + grad.mT)  # (L, k, r)
+            g = factors @ (grad + grad.mT)  # (L, k, r)
+        return g.redistribute(factors.device_mesh, factors.placements) if hasattr(g, "placements") else g
 
 def orthonormal_regularizer(model_or_modules, squared=False, reduction="mean"):
     """L_reg: Eq. 4 added up over the layers ("sum", as Eqs. 5-6 apply it), or its "mean" over the 2 L factors as the

@@ -35,19 +35,24 @@ def torchrun(*args, nproc=2):
     """Run `torchrun --standalone --nproc_per_node nproc *args` with a timeout; its output. The last
     argument must be unique to this launch: it finds the workers to kill if torchrun cannot."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return run_to_end(cmd, args[-1], {"OMP_NUM_THREADS": "1"})
+
+
+def run_to_end(cmd, marker, env, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=TIMEOUT):
+    """Run cmd (with env added to this process's environment) within timeout seconds; its output, or a test
+    failure that shows it. marker: an argument of the command that finds its processes to kill if it hangs."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a stray worker cannot block the read
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
         try:
-            proc.wait(timeout=TIMEOUT)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stop(proc, args[-1])
+            stop(proc, marker)
             log.seek(0)
-            pytest.fail(f"torchrun {' '.join(args)} hung for {TIMEOUT} s; its output:\n{log.read()}")
+            pytest.fail(f"{' '.join(cmd)} hung for {timeout} s; its output:\n{log.read()}")
         log.seek(0)
         out = log.read()
-    assert proc.returncode == 0, f"torchrun {' '.join(args)} failed (exit {proc.returncode}):\n{out}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{out}"
     return out
 
 
@@ -177,6 +182,41 @@ def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, 
     assert report["merged_names"] == names
     with torch.no_grad():
         assert torch.allclose(torch.tensor(report["merged_output"]), single(x).float(), atol=10 * tol)
+
+
+GRADIENT_CASES = [(placement, way) for placement in ("fully_shard", "fsdp_shard_placement")
+                  for way in ("sorsa_loss", "add_regularizer_grad")]
+
+
+def regularized_backward(model, x, target, way):
+    """One backward of Eq. 6 in either way: the regularizer in the task's backward, or its own after it."""
+    task = (model(x) - target).float().square().mean()
+    if way == "sorsa_loss":
+        sorsa.sorsa_loss(task, model, GAMMA, LR).backward()
+    else:
+        task.backward()
+        sorsa.add_regularizer_grad(model, GAMMA, LR)
+
+
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=SLOW)])
+@pytest.mark.parametrize("placement, way", GRADIENT_CASES)
+def test_fsdp2_gradients_of_both_ways_equal_one_process_wherever_Vt_p_lies(launched, nproc, placement, way):
+    """The factors' gradients after one backward of Eq. 6 (sorsa_loss, or add_regularizer_grad after the task's),
+    under plain fully_shard (every Vt_p held by rows: 2 + 2 of r = 4 on 2 ranks, 2 + 2 + 0 on 3) and under
+    fsdp_shard_placement (Vt_p of width 18 by columns, of width 25, which neither 2 nor 3 divides, by rows), with
+    the factors off orthonormality, where Eq. 4's gradient is smooth. Each gradient arrives in its factor's own
+    placement (a Vt_p held by rows got a Partial one, which FSDP2's reduce-scatter could not add to: issue 45),
+    and gathered equals one process's to float32 sums in another order (6e-7 of the largest entry seen)."""
+    got = torch.load(launched("fsdp", "float32", nproc) / "gradients" / f"{placement}-{way}.pt", weights_only=True)
+    _, single, x, target = model_and_batch(torch.float32)
+    regularized_backward(single, x, target, way)
+    layers = sorsa.sorsa_modules(single)
+    assert got.pop("misplaced") == []
+    assert set(got) == {f"{name}.{k}" for name, _ in layers for k in ("U_p", "S_p", "Vt_p")}
+    for name, mod in layers:
+        for k in ("U_p", "S_p", "Vt_p"):
+            want = getattr(mod, k).grad
+            assert torch.allclose(got[f"{name}.{k}"], want, rtol=0, atol=1e-5 * want.abs().max().item()), (name, k)
 
 
 def test_fsdp_placement_shards_columns_only_where_the_world_size_divides_them():
@@ -445,6 +485,33 @@ def split_cases(out):
                        os.path.join(out, f"{dtype}-{niter}.pt"))
 
 
+def gradient_cases(out):
+    """Each case of GRADIENT_CASES: one backward on this rank's share of the batch; the gradients gathered, and
+    the names of those not in their factor's placement, written by rank 0 into out."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(out, exist_ok=True)
+    for placement, way in GRADIENT_CASES:
+        _, model, x, target = model_and_batch(torch.float32)
+        options = {"shard_placement_fn": si.fsdp_shard_placement(model)} if placement != "fully_shard" else {}
+        for block in model:
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        regularized_backward(model, x[local], target[local], way)
+        grads, misplaced = {}, []
+        for name, mod in sorsa.sorsa_modules(model):
+            for k in ("U_p", "S_p", "Vt_p"):
+                param = getattr(mod, k)
+                if param.grad.placements != param.placements:
+                    misplaced.append(f"{name}.{k}: {param.grad.placements} for {param.placements}")
+                grads[f"{name}.{k}"] = param.grad.full_tensor()
+        if rank == 0:
+            torch.save({**grads, "misplaced": misplaced}, os.path.join(out, f"{placement}-{way}.pt"))
+
+
 # ----------------------------------------------------------------------------- the worker, run by torchrun
 
 
@@ -516,7 +583,8 @@ def run_case(engine, dtype, out):
         tiny = train_tiny.distribute(tiny_gpt_with_sorsa(), rt)
         losses = tiny_steps(tiny, rt)
         torch.save({**sorsa.adapter_state_dict(tiny), "losses": losses}, os.path.join(out, f"tiny{rank}.pt"))
-    if engine == "fsdp" and dtype == "float32":  # adapting after sharding: test_a_model_sharded_before_...
+    if engine == "fsdp" and dtype == "float32":  # test_fsdp2_gradients_..., test_a_model_sharded_before_...
+        gradient_cases(os.path.join(out, "gradients"))
         split_cases(os.path.join(out, "split"))
     if rank == 0:
         with open(os.path.join(out, "report.json"), "w") as f:

@@ -1,17 +1,22 @@
 """Every command the pages give runs as written: each command line of train_tiny.py, bench.py,
 theory.comparison and the theory scripts in README.md, docs/ and theory/README.md, and each flag
 quoted on its own after such a command, is parsed by that script's own argument parser, so that a
-renamed or misspelt flag turns this red."""
+renamed or misspelt flag turns this red; and (marked slow) each is run, at a reduced size, as the page
+gives it (torchrun's lines under torchrun), so that a broken section turns it red too."""
 
 import argparse
 import copy
+import os
 import pathlib
 import re
 import shlex
+import sys
 
 import pytest
+import torch
 
 import bench
+import theory
 import train_tiny
 from theory import comparison
 
@@ -21,28 +26,29 @@ SCRIPTS = {  # what a page names -> that script's parser
     "train_tiny.py": lambda: train_tiny.argument_parser(train_tiny.Config()),
     "bench.py": bench.argument_parser,
     "theory.comparison": lambda: comparison.argument_parser(comparison.Comparison()),
-    **{f"theory.{name}": argparse.ArgumentParser for name in ("condition_number", "eq14", "fused_forward",
-                                                             "gamma", "regularizer")},  # no flags
+    **{f"theory.{name}": lambda: theory.argument_parser("") for name in ("condition_number", "eq14",
+                                                                        "fused_forward", "gamma", "regularizer")},
 }
-COMMAND = re.compile(r"(?:python3? (?:-m )?|torchrun (?:--\S+ )*(?:\d+ )?)(train_tiny\.py|bench\.py|theory\.\w+)"
+COMMAND = re.compile(r"(?:python3? (?:-m )?|(torchrun) (?:--\S+ )*(?:\d+ )?)(train_tiny\.py|bench\.py|theory\.\w+)"
                      r"((?: (?!#)[^`\n|]+)?)")
 FLAGS = re.compile(r"`(--[a-z_]+(?: [^`]*)?)`")
 
 
 def documented():
-    """(page, script, argument list, whole) for every command line (whole=True), and for every flag quoted
-    alone (whole=False), checked against the script named nearest to it in its section of the page."""
+    """(page, script, argument list, whole, torchrun) for every command line (whole=True; torchrun: whether the
+    page starts it with torchrun), and for every flag quoted alone (whole=False), checked against the script
+    named nearest to it in its section of the page."""
     found = []
     for page in PAGES:
         text = page.read_text().replace("\\\n", " ")  # a shell line continued with a backslash
         for section in re.split(r"\n(?=#+ )", text):
-            commands = [(m.start(), m.group(1)) for m in COMMAND.finditer(section)]
+            commands = [(m.start(), m.group(2)) for m in COMMAND.finditer(section)]
             for m in COMMAND.finditer(section):
-                args = m.group(2).split("#")[0].replace("...", "1e-3")  # "--lrs ..." stands for a list
-                found.append((page.name, m.group(1), shlex.split(args), True))
+                args = m.group(3).split("#")[0].replace("...", "1e-3")  # "--lrs ..." stands for a list
+                found.append((page.name, m.group(2), shlex.split(args), True, bool(m.group(1))))
             for m in FLAGS.finditer(section) if commands else ():
                 script = min(commands, key=lambda c: abs(c[0] - m.start()))[1]
-                found.append((page.name, script, shlex.split(m.group(1)), False))
+                found.append((page.name, script, shlex.split(m.group(1)), False, False))
     return found
 
 
@@ -50,12 +56,14 @@ CASES = documented()
 
 
 def test_the_pages_give_commands_of_every_script():
-    assert {script for _, script, _, _ in CASES} >= {"train_tiny.py", "bench.py", "theory.comparison",
-                                                     "theory.regularizer"}
+    assert {script for _, script, _, _, _ in CASES} >= {"train_tiny.py", "bench.py", "theory.comparison",
+                                                        "theory.regularizer"}
+    assert {script for _, script, _, _, torchrun in CASES if torchrun} == {"train_tiny.py", "bench.py"}
 
 
-@pytest.mark.parametrize("page, script, args, whole", CASES, ids=[f"{p}:{s} {' '.join(a)}" for p, s, a, _ in CASES])
-def test_each_documented_command_parses_with_its_scripts_own_parser(page, script, args, whole):
+@pytest.mark.parametrize("page, script, args, whole, torchrun", CASES,
+                         ids=[f"{p}:{s} {' '.join(a)}" for p, s, a, _, _ in CASES])
+def test_each_documented_command_parses_with_its_scripts_own_parser(page, script, args, whole, torchrun):
     parser = SCRIPTS[script]()
     if not whole:  # a flag quoted alone: the others a full command needs are not there
         parser = copy.deepcopy(parser)
@@ -65,3 +73,51 @@ def test_each_documented_command_parses_with_its_scripts_own_parser(page, script
         parser.parse_args(args)
     except SystemExit:
         pytest.fail(f"{page}: `{script} {' '.join(args)}` is not accepted by {script}'s argument parser")
+
+
+# ----------------------------------------------------------------------------- each command, run at a reduced size
+
+REDUCED = {  # after the documented arguments, so that these sizes win: seconds, not minutes
+    "train_tiny.py": ["--quick", *(f"--{k}={v}" for k, v in theory.TINY_RUNS.items())],
+    "theory.comparison": ["--quick", *(f"--{k}={v}" for k, v in theory.TINY_RUNS.items()),
+                          "--lrs=2e-3,8e-3", "--seeds=1", "--final_seeds=2", "--base_seeds=0"],
+    "bench.py": ["--quick"],
+}
+
+
+def reduced(script, args):
+    """The arguments that run a documented command at a reduced size; without a CUDA GPU, --device cuda runs
+    on the CPU (the code is the same but for the device)."""
+    args = [("cpu" if a == "cuda" and not torch.cuda.is_available() else a) for a in args]
+    return args + REDUCED.get(script, ["--quick"])  # theory's scripts: --quick
+
+
+def runs():
+    """(script, reduced arguments, torchrun) of every command line, and of every flag of the demo and the
+    benchmark quoted alone; commands that parse to the same settings run once."""
+    found = {}
+    for _, script, args, whole, torchrun in CASES:
+        if whole or script in ("train_tiny.py", "bench.py"):
+            args = reduced(script, args)
+            settings = sorted(vars(SCRIPTS[script]().parse_args(args)).items())
+            found.setdefault((script, torchrun, repr(settings)), (script, args, torchrun))
+    return sorted(found.values())
+
+
+RUNS = runs()
+
+
+@pytest.mark.slow  # 7 minutes in all on 2 cores: each command starts Python, torch and its work
+@pytest.mark.parametrize("script, args, torchrun", RUNS,
+                         ids=[f"{'torchrun ' if t else ''}{s} {' '.join(a)}" for s, a, t in RUNS])
+def test_each_documented_command_runs_at_a_reduced_size(tmp_path, script, args, torchrun):
+    """The command in a fresh folder (what it writes stays there), torchrun's lines with 2 gloo processes: it
+    must end with status 0 within 300 s, else its output is the failure."""
+    from test_distributed import run_to_end
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    else:
+        launcher = [sys.executable] + (["-m"] if script.startswith("theory.") else [])
+    target = str(ROOT / script) if script.endswith(".py") else script
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1" if torchrun else "2"}
+    run_to_end([*launcher, target, *args], target, env, cwd=tmp_path, timeout=300)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import theory
 from sorsa import SORSALinear, cosine_schedule, delta_d, delta_sigma, sorsa_loss
 
 
@@ -188,16 +189,17 @@ KEYS = ("misfit", "kappa_Wp", "kappa_U", "kappa_V", "delta_sigma", "delta_d")
 GAMMA_OVER_LR = (0.02, 0.2, Task.gamma_over_lr)
 
 
-def main(tasks=30):
+def main(quick=False):
+    tasks, states, fits = (2, 10, 2) if quick else (30, 100, 10)  # random tasks, Lemma 5.4's states, equal-fit tasks
+    task = Task(steps=30) if quick else Task()
     torch.manual_seed(0)
     seeds = range(tasks)
     print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
-    weyl, mult, big, big_holds = lemma_5_4_counts(range(100))
-    print("Lemma 5.4, one step from 100 random states (32x24, r=6, gamma = eta = 0.05):")
-    print(f"  Weyl |s_reg - s_unreg| <= ||dW||_2 held in {weyl}/100; "
-          f"Eq. 12, (1 +- eps) s_unreg with eps = ||dW||_F, held in {mult}/100;")
+    weyl, mult, big, big_holds = lemma_5_4_counts(range(states))
+    print(f"Lemma 5.4, one step from {states} random states (32x24, r=6, gamma = eta = 0.05):")
+    print(f"  Weyl |s_reg - s_unreg| <= ||dW||_2 held in {weyl}/{states}; "
+          f"Eq. 12, (1 +- eps) s_unreg with eps = ||dW||_F, held in {mult}/{states};")
     print(f"  for the {big} singular values with s_unreg >= 1, Eq. 12 held for {big_holds}")
-    task = Task()
     print(f"\nTheorem 5.5 and Section 4: {tasks} tasks, W_0 {task.m}x{task.n}, r={task.r}, {task.steps} AdamW "
           f"steps at lr={task.lr:g}; at the end of training, per gamma/lr:")
     print("  each cell: fraction of tasks where reg < unreg, then the median ratio reg/unreg")
@@ -217,15 +219,16 @@ def main(tasks=30):
         cells = [(statistics.median(u[f][k] for u, _ in evolution), statistics.median(r[f][k] for _, r in evolution))
                  for k in ("kappa_Wp", "kappa_U", "kappa_V")]
         print(f"{f:5.2f}" + "".join(f"{a:11.4f} -> {b:7.4f}" for a, b in cells))
-    print("\nSection 4 at equal fit, 10 tasks: the regularized run at its end against the unregularized run at"
-          "\nthe first step that fits as well; ratios reg/unreg, then min-max over tasks")
+    print(f"\nSection 4 at equal fit, {fits} tasks: the regularized run at its end against the unregularized run "
+          "at\nthe first step that fits as well; ratios reg/unreg, then min-max over tasks")
     for ratio in GAMMA_OVER_LR:
-        rows = equal_fit(task, range(10), ratio * task.lr)
+        rows = equal_fit(task, range(fits), ratio * task.lr)
         sig, d, steps = zip(*rows)
-        print(f"  gamma/lr {ratio:5.3g}: delta_sigma {min(sig):.2f}-{max(sig):.2f} (smaller in {sum(v < 1 for v in sig)}/10), "
-              f"delta_d {min(d):.2f}-{max(d):.2f} (smaller in {sum(v < 1 for v in d)}/10); "
+        print(f"  gamma/lr {ratio:5.3g}: delta_sigma {min(sig):.2f}-{max(sig):.2f} (smaller in "
+              f"{sum(v < 1 for v in sig)}/{fits}), delta_d {min(d):.2f}-{max(d):.2f} (smaller in "
+              f"{sum(v < 1 for v in d)}/{fits}); "
               f"unregularized steps {min(steps)}-{max(steps)}")
 
 
 if __name__ == "__main__":
-    main()
+    main(theory.quick_flag(__doc__))

@@ -18,6 +18,7 @@ import statistics
 import torch
 
 import sorsa
+import theory
 from theory.condition_number import GAMMA_OVER_LR, Task, kappa, run
 
 SPECTRA = ("gaussian", "exp0.01", "exp0.1", "power0.5", "power1")
@@ -32,11 +33,10 @@ def eq14_at_end(task, seeds, gamma_over_lr):
     return rows
 
 
-def tiny_gpt_layers(seeds=(0, 1)):
-    """Per seed and adapted layer of train_tiny's GPT (its default recipe and gamma/lr):
+def tiny_gpt_layers(cfg, seeds=(0, 1)):
+    """Per seed and adapted layer of train_tiny's GPT (cfg: a train_tiny.Config, its recipe and gamma/lr):
     (name, kappa(W_p,0), kappa(W_p^unreg), kappa(W_p^reg)) at the end of fine-tuning."""
     import train_tiny
-    cfg = train_tiny.Config()
     runtime = train_tiny.start_runtime(cfg)
     base, _, data, _ = train_tiny.prepare_base(cfg, 0, runtime)
     out = {}
@@ -53,10 +53,11 @@ def tiny_gpt_layers(seeds=(0, 1)):
     return out
 
 
-def main(tasks=20):
+def main(quick=False):
+    tasks = 2 if quick else 20
+    task = Task(steps=30) if quick else Task()
     torch.manual_seed(0)
     print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
-    task = Task()
     print(f"Eq. 14 at the end of training, {tasks} tasks per cell (W_0 {task.m}x{task.n}, r={task.r}, "
           f"{task.steps} AdamW steps): tasks where it holds, median kappa(W_p^reg) / kappa(W_p^unreg)")
     print(f"{'spectrum':>10}" + "".join(f"{f'gamma/lr {g:g}':>22}" for g in GAMMA_OVER_LR)
@@ -64,7 +65,7 @@ def main(tasks=20):
     for spectrum in SPECTRA:
         cells, narrowed = [], []
         for gamma_over_lr in GAMMA_OVER_LR:
-            rows = eq14_at_end(Task(spectrum=spectrum), range(tasks), gamma_over_lr)
+            rows = eq14_at_end(Task(spectrum=spectrum, steps=task.steps), range(tasks), gamma_over_lr)
             ratios = [r for r, _, _ in rows]
             cells.append(f"{sum(r < 1 for r in ratios):>2}/{tasks} {statistics.median(ratios):7.3f}")
             narrowed += [k_end < k_0 for r, k_0, k_end in rows if r >= 1]
@@ -72,9 +73,10 @@ def main(tasks=20):
     print("  narrowed: failures of Eq. 14 (all gamma/lr) where the unregularized run ended with a smaller "
           "kappa(W_p) than it started with")
     import train_tiny
-    print(f"\nEq. 14 on train_tiny's GPT (18 adapted layers, 300 steps, gamma/lr = {train_tiny.Config().gamma_ratio:g} "
+    cfg = train_tiny.Config(**theory.TINY_RUNS) if quick else train_tiny.Config()
+    print(f"\nEq. 14 on train_tiny's GPT (18 adapted layers, {cfg.steps} steps, gamma/lr = {cfg.gamma_ratio:g} "
           "on the mean), per seed:")
-    for seed, rows in tiny_gpt_layers().items():
+    for seed, rows in tiny_gpt_layers(cfg).items():
         failing = [(name, k0, unreg, reg) for name, k0, unreg, reg in rows if reg >= unreg]
         print(f"  seed {seed}: held in {len(rows) - len(failing)}/{len(rows)} layers; median kappa_reg / kappa_unreg "
               f"{statistics.median(reg / unreg for _, _, unreg, reg in rows):.3f}")
@@ -84,4 +86,4 @@ def main(tasks=20):
 
 
 if __name__ == "__main__":
-    main()
+    main(theory.quick_flag(__doc__))

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import theory
 from sorsa import SORSALinear
 
 
@@ -103,22 +104,23 @@ def time_forms(forms, tokens, n, blocks=3, dtype=torch.float32):
     return interleaved_times({name: step(*form) for name, form in forms.items()}, blocks)
 
 
-def main():
+def main(quick=False):
     print("Eq. 3 at t = 0: max |form(x) - W_0 x| in float64 (96x64, r=16)")
     for (name, niter), err in init_errors().items():
         print(f"  {name:>9}  {'exact SVD' if niter is None else f'fast SVD, niter={niter}':>18}: {err:.1e}")
     print(f"\nForward + backward time as a ratio to ours ({torch.get_num_threads()} CPU threads)")
     names = ("literal", "appendixA", "ours", "lora", "linear")
     print(f"{'m x n, r, tokens':>22}" + "".join(f"{n:>10}" for n in names) + f"{'ours (ms)':>11}")
-    for (m, n), r, tokens in [((1024, 1024), 64, 16), ((1024, 1024), 64, 2048),
-                              ((2048, 2048), 128, 16), ((2048, 2048), 128, 512)]:
+    cases = [((1024, 1024), 64, 16), ((1024, 1024), 64, 2048), ((2048, 2048), 128, 16), ((2048, 2048), 128, 512)]
+    for (m, n), r, tokens in [((256, 256), 16, 16)] if quick else cases:
         times = time_forms(make_forms(m, n, r), tokens, n)
         print(f"{f'{m}x{n}, {r}, {tokens}':>22}" + "".join(f"{times[k] / times['ours']:10.2f}" for k in names)
               + f"{times['ours'] * 1e3:11.2f}")
-    print("\nThe step Appendix A changes, alone (2048 x 128 factor):")
-    U, S = torch.randn(2048, 128), torch.rand(128)
+    m = 256 if quick else 2048
+    print(f"\nThe step Appendix A changes, alone ({m} x 128 factor):")
+    U, S = torch.randn(m, 128), torch.rand(128)
     for label, fn in (("U_p @ diag(S_p)", lambda: U @ torch.diag(S)), ("U_p * S_p", lambda: U * S),
-                      ("(U_p * S_p) @ V_p^T, 2048x2048", lambda: (U * S) @ U.T)):
+                      (f"(U_p * S_p) @ V_p^T, {m}x{m}", lambda: (U * S) @ U.T)):
         start = time.perf_counter()
         for _ in range(20):
             fn()
@@ -126,4 +128,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(theory.quick_flag(__doc__))

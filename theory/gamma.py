@@ -19,6 +19,7 @@ What is measured, with train_tiny.py's recipe (the authors' order, cosine schedu
 
 import math
 
+import theory
 import train_tiny
 from theory import comparison
 
@@ -35,32 +36,34 @@ def label(ratio):
             0.4: "0.4 (train_tiny's default)"}.get(ratio, f"{ratio:g}")
 
 
-def demo_runs(ratio):
-    """Part 1's runs: train_tiny's demo for SORSA alone at gamma / lr = ratio, seeds 0-2."""
-    cfg = train_tiny.Config(methods="sorsa", gamma_ratio=ratio, seeds=3, out=f"runs/gamma/demo-{ratio:.4g}")
+def demo_runs(ratio, size):
+    """Part 1's runs: train_tiny's demo for SORSA alone at gamma / lr = ratio, seeds 0-2 (size: Config overrides)."""
+    size = {"seeds": 3, **size}
+    cfg = train_tiny.Config(methods="sorsa", gamma_ratio=ratio, out=f"runs/gamma/demo-{ratio:.4g}", **size)
     return train_tiny.run(cfg)["results"]["sorsa"]
 
 
-def paired_runs(ratio):
+def paired_runs(ratio, size):
     """Part 2's runs: {base: {"sorsa": {seed: result}}} from theory.comparison, SORSA alone at gamma / lr = ratio."""
-    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs=repr(SWEEP_LR), steps=100, seeds=3,
-                                final_seeds=10, base_seeds="0,1,2", out=f"runs/gamma/paired-{ratio:.4g}")
+    runs = {"steps": 100, "seeds": 3, "final_seeds": 10, "base_seeds": "0,1,2", **size}
+    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs=repr(SWEEP_LR), **runs,
+                                out=f"runs/gamma/paired-{ratio:.4g}")
     return comparison.run(cfg)["final"]
 
 
-def demo_table():
+def demo_table(size, ratios=RATIOS):
     """Part 1: one row per ratio, mean +- std [95% interval] over seeds 0-2."""
     lines = ["| gamma / lr (mean) | n | " + " | ".join(name for name, _, _ in KEYS) + " |", "|---" * 5 + "|"]
-    for ratio in RATIOS:
-        runs = demo_runs(ratio)
+    for ratio in ratios:
+        runs = demo_runs(ratio, size)
         lines.append(f"| {label(ratio)} | {len(runs)} | "
                      + " | ".join(comparison.ci_cell(runs, key, fmt) for _, key, fmt in KEYS) + " |")
     return "\n".join(lines)
 
 
-def paired_table():
+def paired_table(size=None):
     """Part 2: 0.208 minus 0.4, paired by (base, seed), per base and pooled."""
-    final = {ratio: paired_runs(ratio) for ratio in (EFFECTIVE, 0.4)}
+    final = {ratio: paired_runs(ratio, size or {}) for ratio in (EFFECTIVE, 0.4)}
     bases = sorted(final[EFFECTIVE])
     lines = ["| bases | n pairs | " + " | ".join(f"{name}: 0.208 minus 0.4 [95% CI], verdict" for name, _, _ in KEYS)
              + " |", "|---" * 5 + "|"]
@@ -77,13 +80,16 @@ def paired_table():
     return "\n".join(lines)
 
 
-def main():
-    demo = demo_table()
-    paired = paired_table()
+def main(quick=False):
+    if quick:  # two ratios, two seeds, two base models: each part's tables at their smallest
+        demo = demo_table({**theory.TINY_RUNS, "seeds": 2}, RATIOS[:2])
+        paired = paired_table({**theory.TINY_RUNS, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
+    else:
+        demo, paired = demo_table({}), paired_table()
     print(f"\n1. train_tiny's demo recipe, SORSA alone, 300 steps at lr 3e-3, seeds 0-2 of base 0:\n{demo}")
     print(f"\n2. 100 steps at lr {SWEEP_LR:.3g}, seeds 3-12 of bases 0, 1, 2; 'higher' or 'lower' is 0.208's:\n"
           f"{paired}")
 
 
 if __name__ == "__main__":
-    main()
+    main(theory.quick_flag(__doc__))

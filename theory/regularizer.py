@@ -19,6 +19,7 @@ import statistics
 
 import torch
 
+import theory
 from sorsa import SORSALinear, cosine_schedule, orthonormal_regularizer
 
 
@@ -131,7 +132,8 @@ def sweep(steps_sizes, m=64, n=48, r=8, noise=0.3, steps=2000, seed=0):
     return rows
 
 
-def main():
+def main(quick=False):
+    steps = 100 if quick else 2000  # of gradient descent; AdamW's runs take half
     torch.manual_seed(0)
     print(f"({torch.get_num_threads()} CPU threads, torch {torch.__version__})")
     print("Theorem 5.1 (convexity): L_reg at the midpoint of two orthonormal points vs their mean")
@@ -146,15 +148,17 @@ def main():
     print("\nTheorem 5.2 (Lipschitz gradient): ||grad(U1) - grad(U2)|| / ||U1 - U2|| across orthonormality")
     for delta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
         print(f"  delta={delta:7.0e}  ratio={gradient_jump_ratio(64, 48, 8, 0, delta):12.1f}")
-    print("\nTheorem 5.3: gradient descent on L_reg alone, 64x48, r=8, ||noise||_F = 0.3, 2000 steps")
+    print(f"\nTheorem 5.3: gradient descent on L_reg alone, 64x48, r=8, ||noise||_F = 0.3, {steps} steps")
     print(f"{'step':>6} {'form':>8} {'final L_reg':>12} {'max last 100':>13} {'/ step':>7} {'below 1e-10 at':>15}")
-    for step, form, final, late_max, below in sweep([1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.2, 0.24, 0.26, 0.3, 0.5]):
+    for step, form, final, late_max, below in sweep([1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.2, 0.24, 0.26, 0.3, 0.5],
+                                                    steps=steps):
         ratio = f"{late_max / step:7.2f}" if form == "paper" else f"{'-':>7}"
         print(f"{step:6g} {form:>8} {final:12.3e} {late_max:13.3e} {ratio} "
               f"{'step ' + str(below) if below else 'never':>15}")
-    print("\nPaper form, gradient descent: mean of L_reg over the last 500 of 2000 steps / step, seeds 0-4")
+    print(f"\nPaper form, gradient descent: mean of L_reg over the last {steps // 4} of {steps} steps / step, "
+          "seeds 0-4")
     for step in (1e-3, 1e-2, 3e-2, 0.1):
-        print(f"  step {step:6g}: " + ", ".join(f"{v:.3f}" for v in gd_band(step)))
+        print(f"  step {step:6g}: " + ", ".join(f"{v:.3f}" for v in gd_band(step, steps=steps)))
     print("\nUnder AdamW (the paper's optimizer), on L_reg alone, from ||noise||_F = 0.3 (64x48, r=8):")
     print("  L_reg after 100 steps at lr 1e-3, the regularizer alone scaled by c (Adam divides the scale out):")
     for squared in (False, True):
@@ -162,14 +166,15 @@ def main():
                   for scale in (0.01, 0.1, 1, 10, 100, 1000)]
         print(f"  {'squared' if squared else 'paper':>8}: " + ", ".join(f"{v:.6e}" for v in values)
               + "   (c = 0.01, 0.1, 1, 10, 100, 1000)")
-    print("  1000 steps: mean L_reg over the last 100 at a constant lr (/ lr), and the final L_reg on the cosine schedule")
+    print(f"  {steps // 2} steps: mean L_reg over the last 100 at a constant lr (/ lr), and the final L_reg on the "
+          "cosine schedule")
     print(f"{'lr':>8} {'form':>8} {'constant: mean':>15} {'/ lr':>7} {'cosine: final':>14}")
     for lr in (1e-4, 1e-3, 1e-2, 0.1, 0.3):
         for squared in (False, True):
-            constant = statistics.mean(adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, 1000, squared)[-100:])
-            cosine = adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, 1000, squared, cosine=True)[-1]
+            constant = statistics.mean(adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, steps // 2, squared)[-100:])
+            cosine = adamw_descend(perturbed_layer(64, 48, 8, 0, 0.3), lr, steps // 2, squared, cosine=True)[-1]
             print(f"{lr:8g} {'squared' if squared else 'paper':>8} {constant:15.3e} {constant / lr:7.2f} {cosine:14.3e}")
 
 
 if __name__ == "__main__":
-    main()
+    main(theory.quick_flag(__doc__))
