@@ -235,12 +235,17 @@ def regularizer_overhead(device, model_cfg, batch_size):
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     rng = random.Random(0)
     problems = [train_tiny.word_problem(rng) for _ in range(batch_size)]
-    runtime = train_tiny.Runtime(device, amp=device.type == "cuda")
-    scaler = runtime.grad_scaler()  # bf16 or none: a disabled GradScaler, whose calls pass through
+    runtime = train_tiny.Runtime(device, amp=device.type == "cuda")  # bf16 on CUDA: no GradScaler
 
     def step(gamma):
-        def call():
-            train_tiny.train_step(model, opt, params, problems, gamma, 1e-3, runtime, scaler)
+        def call():  # train_tiny.finetune's step: the loss, its gradient clipped, Eq. 6's term, the update
+            loss = train_tiny.batch_loss(model, problems, runtime)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if gamma > 0:
+                sorsa.add_regularizer_grad(model, gamma, 1e-3)
+            opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return call
@@ -613,7 +618,7 @@ def sharded_split(rank, world, divisor=1, layers=12):
         sent) of this rank's part of one split_sharded, on a fresh model."""
         with torch.device("meta"):
             model = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)])
-        sorsa.apply_sorsa(model, r, names)  # shapes only
+        sorsa_integrations.apply_sorsa(model, r, names)  # shapes only: the companion adapts a meta model
         for layer in model:
             fully_shard(layer)
         fully_shard(model)

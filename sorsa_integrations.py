@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -170,31 +171,78 @@ def _check_targets_match(model, targets):
 
 
 def _select_targets(model, rank, targets, full):
-    """sorsa's selection, where a layer is unfit as _unfit_reason says, or (by default) inside a module
-    that trains in full, or a head with fewer outputs than the rank. A model partly on the meta device
-    is refused; one wholly on it is adapted for its shapes."""
+    """sorsa's selection for the models people fine-tune: the layers matching targets, or by default every
+    linear layer (nn.Linear, its subclasses that pass _computes_linear's probe, Conv1D-style) but, named in a
+    warning, what _unfit_reason refuses, the output head, tied weights and layers with fewer outputs than the
+    rank; layers inside a module that trains in full are left to it. A model partly on the meta device is
+    refused; one wholly on it is adapted for its shapes."""
     _check_targets_match(model, targets)
     owner = {name: f for name, _ in model.named_modules() for f in full if name == f or name.startswith(f + ".")}
-    for name in owner:  # the module trained in full that holds each layer inside one
-        if targets and any(sorsa._matches(name, t) for t in targets):
-            raise ValueError(f"{name} matches the targets but is in {owner[name]}, which trains in full; "
-                             "exclude it from target_modules")
-
-    def unfit(name, layer):
-        m, n = sorsa._base_weight(layer).shape
-        narrow = not targets and m < rank <= n  # by default skipped; named, the rank check refuses it
-        return _unfit_reason(model, name, layer) or (f"rank {rank} is above its {m} outputs: a new classification "
-                                                     "head trains in full with modules_to_save" if narrow else None)
-
-    names = sorsa._select_targets(model, rank, targets, unfit, skip=owner)  # by default, what trains in full: silently
-    meta = [name for name in names if sorsa._base_weight(model.get_submodule(name)).is_meta]
+    names_of = {}  # id(parameter) -> all its names: tied weights share one
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    selected, skipped = [], []
+    for name, layer in model.named_modules():
+        W_0 = sorsa._base_weight(layer)  # (m, n), or None
+        matched = any(sorsa._matches(name, t) for t in targets) if targets else W_0 is not None
+        if not name or not matched:
+            continue
+        if name in owner:  # by default, what trains in full is left to it silently
+            if targets:
+                raise ValueError(f"{name} matches the targets but is in {owner[name]}, which trains in full; "
+                                 "exclude it from target_modules")
+            continue
+        unfit = f"{type(layer).__name__}, not nn.Linear or a Conv1D-style layer"
+        if W_0 is not None:
+            unfit = _unfit_reason(model, name, layer)
+        if targets and unfit:
+            raise TypeError(f"{name} matches the targets but is {unfit}; exclude it from target_modules")
+        tied = [other for other in names_of[id(layer.weight)] if other != f"{name}.weight"]
+        if targets and tied:
+            raise ValueError(f"{name} matches the targets but is tied to {', '.join(tied)}; exclude it from "
+                             "target_modules")
+        m, n = W_0.shape
+        if unfit:
+            skipped.append(f"{name} ({unfit})")
+        elif not targets and (layer is head or name.endswith("lm_head")):
+            skipped.append(f"{name} (the output head)")
+        elif tied:
+            skipped.append(f"{name} (tied to {', '.join(tied)})")
+        elif not targets and m < rank <= n:
+            skipped.append(f"{name} (rank {rank} is above its {m} outputs: a new classification head trains "
+                           "in full with modules_to_save)")
+        elif W_0.is_meta and not 1 <= rank <= min(m, n):  # sorsa's checks need the values
+            raise ValueError(f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}] for layer {name}")
+        else:
+            if not W_0.is_meta:
+                sorsa._check_split(W_0, rank, where=f" for layer {name}")
+            selected.append(name)
+    if not selected:
+        raise ValueError(f"the model has no nn.Linear or Conv1D-style layer to adapt; skipped: {'; '.join(skipped)}")
+    if skipped:
+        warnings.warn(f"apply_sorsa adapted every linear layer but {'; '.join(skipped)}", stacklevel=3)
+    meta = [name for name in selected if sorsa._base_weight(model.get_submodule(name)).is_meta]
     if meta and not all(p.is_meta for p in model.parameters()):
         listed = ", ".join(meta[:8]) + (", ..." if len(meta) > 8 else "")
-        raise ValueError(f"{len(meta)} of the {len(names)} layers to adapt have their weights on the meta "
+        raise ValueError(f"{len(meta)} of the {len(selected)} layers to adapt have their weights on the meta "
                          f"device (offloaded, or never loaded): {listed}. "
                          "Their SVD needs the values: load the model fully first (no disk offload). Nothing was "
                          "changed. A model wholly on meta is adapted for its shapes only")
-    return names
+    return selected
+
+
+def _sorsa_layer(layer, rank, niter, factor_dtype):
+    """sorsa.SORSALinear.from_linear(layer, ...); on the meta device, a SORSA layer of the right shapes and
+    dtypes, with no SVD: the structure that fully_shard shards before split_sharded fills it."""
+    W_0 = sorsa._base_weight(layer)
+    if not W_0.is_meta:
+        return sorsa.SORSALinear.from_linear(layer, rank, niter, factor_dtype)
+    (m, n), dtype = W_0.shape, factor_dtype or sorsa._wide_dtype(W_0.dtype)
+    with torch.device("meta"):
+        factors = torch.empty(m, rank, dtype=dtype), torch.empty(rank, dtype=dtype), torch.empty(rank, n, dtype=dtype)
+        W_r = torch.empty(m, n, dtype=W_0.dtype)
+    return sorsa.SORSALinear(*factors, W_r, layer.bias, type(layer))
 
 
 def full_modules(model):
@@ -223,12 +271,10 @@ def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None,
     ["classifier"]), as in PEFT. Everything is checked before the first layer is touched.
     """
     model = _check_base_model(model, "apply_sorsa")
-    sorsa._check_rank(rank)
-    sorsa._check_split_arguments(niter, factor_dtype)
+    sorsa._check_split(None, rank, niter, factor_dtype)
     full = _select_full(model, modules_to_save)
     names = _select_targets(model, rank, sorsa._target_patterns(target_modules), full)
-    sorsa._convert(model, names, lambda name: sorsa.SORSALinear.from_linear(model.get_submodule(name), rank, niter,
-                                                                             factor_dtype))
+    sorsa._convert(model, names, lambda name: _sorsa_layer(model.get_submodule(name), rank, niter, factor_dtype))
     _train_in_full(model, dict.fromkeys(full))
     return names
 
@@ -446,10 +492,13 @@ def _in_one_message(parts, send):
 
 
 def _omega(mod, niter):
-    """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD (sorsa._factors's,
-    its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several ranks; else None."""
+    """Omega (n, l) where split_sharded splits this layer without gathering its W_0: a randomized SVD
+    (sorsa._randomized_svd's, its sketch narrower than the layer) of a W_r that FSDP2 holds by rows on several
+    ranks; else None."""
     dim, _, world = _shard_dim(mod.W_r)
-    return None if world == 1 or dim != 0 else sorsa._sketch(mod.W_r, mod.rank, niter)  # shape: the whole W_0's
+    if niter is None or world == 1 or dim != 0:
+        return None
+    return sorsa._sketch(mod.W_r, mod.rank)  # the whole W_0's shape
 
 
 def _sketch_width(mod, niter):
@@ -459,7 +508,7 @@ def _sketch_width(mod, niter):
 
 
 def _sketch_turn(turn, widths, niter, group):
-    """sorsa._factors's randomized SVD, up to its last product, of each layer of the turn with a sketch width l (None:
+    """sorsa._randomized_svd, up to its last product, of each layer of the turn with a sketch width l (None:
     gathered instead), W_0 left in its row shards: ((Q (m, l), Q^T W_0 (l, n)) of this rank's layer, turn[rank], or
     None; an error message or None). Every product with W_0 is a sum over the ranks' rows (W_i, Q_i: rank i's
     rows): W_0 X has rows W_i X, W_0^T Q = sum W_i^T Q_i, Q^T W_0 = sum Q_i^T W_i. Each rank computes its part of
@@ -505,7 +554,7 @@ def _sketch_turn(turn, widths, niter, group):
 
     for batch in batches:
         batch = [(mod, _omega(mod, niter)) for mod in batch]  # drawn again here: no Omega outlives its batch
-        with torch.no_grad(), sorsa._ieee_matmuls():  # as in sorsa._factors, line by line:
+        with torch.no_grad(), sorsa._ieee_float32():  # as in sorsa._randomized_svd, line by line:
             Qs = bases(summed([W_times(mod, Omega, Omega) for mod, Omega in batch]))  # Q = qr(W Omega)
             for _ in range(niter):  # Q = qr(W qr(W^T Q))
                 Ps = bases(summed([attempt(lambda: local_W(mod, Omega).T @ _part(Q, mod.W_r),
@@ -543,7 +592,7 @@ def split_sharded(model, niter=None):
     it splits every layer itself. Bad input (a non-finite W_0 shard) raises on every rank before anything changes;
     a failure in a rank's computation (a product, a QR, an SVD) raises on every rank, naming how many layers the
     earlier turns split (running out of memory inside a collective is not caught: the others then wait in it)."""
-    sorsa._check_split_arguments(niter, None)
+    sorsa._check_split(None, 1, niter)
     found = sorsa.sorsa_modules(model)
     layers = [mod for _, mod in found]
     if not layers:
@@ -568,11 +617,13 @@ def split_sharded(model, niter=None):
             mod = turn[me]
             try:
                 if sketched is None:  # no whole W_r: each rank turns its part of W_0 into it below
-                    mine = sorsa._factors(whole[me], mod.rank, niter, mod.U_p.dtype)
-                else:  # the randomized SVD's end, as in _factors: U_small, S, Vt = svd(Q^T W), U = Q U_small
-                    Q, B = sketched  # (_factors on B: the exact SVD of (l, n), U_small orthonormalized, then U again)
-                    U_small, S_p, Vt_p = sorsa._factors(B, mod.rank, None, mod.U_p.dtype)
-                    mine = sorsa._orthonormalized(Q @ U_small.to(Q.dtype)).to(mod.U_p.dtype), S_p, Vt_p
+                    W_0 = whole[me].to(sorsa._wide_dtype(whole[me].dtype))
+                    mine = [t.to(mod.U_p.dtype) for t in sorsa._top_triplets(W_0, mod.rank, niter)]
+                else:  # the randomized SVD's end: U_small, S, Vt = svd(Q^T W), U = Q U_small
+                    Q, B = sketched  # (the exact SVD of B (l, n), U_small orthonormalized, then U again)
+                    U_small, S_p, Vt_p = sorsa._top_triplets(B, mod.rank, None)
+                    U_p = sorsa._orthonormalized(Q @ U_small.to(Q.dtype))
+                    mine = [t.to(mod.U_p.dtype) for t in (U_p, S_p, Vt_p)]
             except Exception as err:  # told to every rank below, so none waits for this one
                 error = f"{type(err).__name__}: {err}"
         del whole, sketched
@@ -593,5 +644,7 @@ def _fill(mod, U_p, S_p, Vt_p):
         W, U = _local(mod.W_r), _part(U_p, mod.W_r) if by_rows else U_p
         Vt = Vt_p if by_rows else _part(Vt_p, mod.W_r)
         step = max(1, -(-len(W) // 8))  # an 8th of the rows at a time: Eq. 2's wide copy is of that 8th alone
-        for rows, U_rows in zip(W.split(step), U.split(step)):
-            rows.copy_(sorsa._add_W_p(rows, U_rows, S_p, Vt, alpha=-1))
+        wide = sorsa._wide_dtype(W.dtype, U_p.dtype)
+        with sorsa._ieee_float32():
+            for rows, U_rows in zip(W.split(step), U.split(step)):  # Eq. 2, W_0 - U_p diag(S_p) Vt_p, by rows
+                rows.copy_(rows.to(wide) - U_rows.to(wide) @ torch.diag(S_p.to(wide)) @ Vt.to(wide))

@@ -245,18 +245,30 @@ def tiny_gpt_with_sorsa():
 
 
 def tiny_steps(model, rt, steps=2):
-    """train_tiny.train_step on its global batches of 8 problems, with SGD instead of AdamW: the losses it returns."""
+    """SGD steps on train_tiny.batch_loss (this rank's share of each global batch of 8 problems) with Eq. 6 added
+    after it, as train_tiny.finetune adds it: the global batches' losses, the ranks' shares summed."""
+    import torch.distributed as dist
+
     import train_tiny
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=LR)
-    return [train_tiny.train_step(model, opt, params, problems, GAMMA, LR, rt, rt.grad_scaler()).item()
-            for problems in train_tiny.training_batches(0, train_tiny.Config(steps=steps, batch_size=8), set())]
+    opt, losses = torch.optim.SGD(params, lr=LR), []
+    for problems in train_tiny.training_batches(0, train_tiny.Config(steps=steps, batch_size=8), set()):
+        loss = train_tiny.batch_loss(model, problems, rt)
+        opt.zero_grad()
+        loss.backward()
+        sorsa.add_regularizer_grad(model, GAMMA, LR)
+        opt.step()
+        loss = loss.detach()
+        if rt.world > 1:
+            dist.all_reduce(loss)
+        losses.append(loss.item() / rt.world)
+    return losses
 
 
 def test_train_tiny_step_on_rank_shares_is_the_single_process_step(launched):
-    """Each rank takes every world-th problem and scales its summed loss so that DDP's mean
-    gradient is the global batch's: factors after two SGD steps, and the losses train_step
-    returns (the global batch's), as in one process."""
+    """Each rank takes every world-th problem and scales its summed loss (train_tiny.batch_loss) so that
+    DDP's mean gradient is the global batch's: factors after two SGD steps, and the global batches'
+    losses, as in one process."""
     import train_tiny
     tmp_path = launched("ddp", "float32")
     single = tiny_gpt_with_sorsa()
@@ -269,25 +281,25 @@ def test_train_tiny_step_on_rank_shares_is_the_single_process_step(launched):
             assert torch.allclose(got[k], v, rtol=0, atol=1e-5 * (1 + v.abs().max().item())), k
 
 
-@pytest.mark.slow  # 35 s on 2 cores: FSDP2 gathers every weight in each of the demo's evaluations
-def test_train_tiny_under_torchrun_fsdp_matches_one_process(tmp_path):
-    """train_tiny.py --fsdp: SORSA made on meta, sharded, loaded and split by the ranks in turns, then trained on
-    rank-split global batches: the single-process losses. (Its DDP path: the ddp worker runs train_step.)"""
+@pytest.mark.slow  # 20 s on 2 cores
+def test_train_tiny_under_torchrun_matches_one_process(tmp_path):
+    """torchrun train_tiny.py (DDP, 2 processes) trained on rank-split global batches: the single-process
+    losses; rank 0 alone prints. (Its step at gradient level: the ddp worker's tiny_steps, with SGD.)"""
     import train_tiny
     args = ["--quick", "--methods", "sorsa", "--steps", "3", "--batch_size", "8", "--pretrain_steps", "30",
-            "--test_size", "10", "--val_size", "10", "--cache", str(tmp_path / "cache")]
-    out = torchrun("train_tiny.py", *args, "--fsdp", "--out", str(tmp_path / "fsdp"))
-    assert "2 process(es) (FSDP2)" in out and out.count("base model: eval loss") == 1  # rank 0 alone prints
+            "--test_size", "10", "--cache", str(tmp_path / "cache")]
+    out = torchrun("train_tiny.py", *args, "--out", str(tmp_path / "ddp"))
+    assert "2 process(es)" in out and out.count("base model: eval loss") == 1  # rank 0 alone prints
     train_tiny.run(train_tiny.parse_args(args + ["--out", str(tmp_path / "one")]))
-    fsdp_rows = [json.loads(line) for line in open(tmp_path / "fsdp" / "log.jsonl")]
+    ddp_rows = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
     one_rows = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
-    assert [r["step"] for r in fsdp_rows] == [r["step"] for r in one_rows] == [1, 2, 3]
+    assert [r["step"] for r in ddp_rows] == [r["step"] for r in one_rows] == [1, 2, 3]
     # Step 1's loss is the global batch's, before any update: float32 sums in another order.
-    assert abs(fsdp_rows[0]["train_loss"] - one_rows[0]["train_loss"]) <= 1e-5 * one_rows[0]["train_loss"]
+    assert abs(ddp_rows[0]["train_loss"] - one_rows[0]["train_loss"]) <= 1e-5 * one_rows[0]["train_loss"]
     # Later ones drift apart by AdamW alone: its first steps move every coordinate by about lr
     # whatever the gradient's size, so rounding-level differences in tiny gradients grow (exact
-    # gradients: test_processes_train_..., and train_step itself in the ddp worker, with SGD).
-    for a, b in zip(fsdp_rows[1:], one_rows[1:]):
+    # gradients: test_processes_train_..., and the demo's batch_loss in the ddp worker, with SGD).
+    for a, b in zip(ddp_rows[1:], one_rows[1:]):
         assert abs(a["train_loss"] - b["train_loss"]) <= 0.01 * b["train_loss"], (a, b)
 
 
@@ -445,7 +457,7 @@ def split_cases(out):
         unchanged = all(torch.equal(before[k].flatten().view(torch.uint8), v.to_local().flatten().view(torch.uint8))
                         for k, v in model.state_dict().items())  # bit for bit: to_empty's memory may hold NaN
         set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)
-        midway = failing_split(model, niter, rank == world - 1, sorsa, "_factors", "the SVD")  # its second call
+        midway = failing_split(model, niter, rank == world - 1, sorsa, "_top_triplets", "the SVD")  # its second call
         set_model_state_dict(model, si.base_state_for_sorsa(model, base.state_dict()), options=options)  # again
         amid = ""
         if niter is not None:  # the last rank's second QR: in the first turn's

@@ -710,7 +710,7 @@ def test_a_split_that_fails_midway_says_how_far_it_got(monkeypatch):
     """A failure no check can foresee (an SVD that does not converge, out of memory) in a later turn: the error
     says how many layers the earlier turns split and what to do; the first turn's failure changed nothing."""
     base = toy_model(0)
-    real, calls = sorsa._factors, []
+    real, calls = sorsa._top_triplets, []
 
     def fails_on(n):
         def factors(*args):
@@ -721,9 +721,9 @@ def test_a_split_that_fails_midway_says_how_far_it_got(monkeypatch):
         return factors
     for n, words in ((3, "split 2 of 4 layers before this error, the rest still hold W_0"), (1, "changed nothing")):
         calls.clear()
-        monkeypatch.setattr(sorsa, "_factors", real)  # the structure on meta splits too (shapes only)
+        monkeypatch.setattr(sorsa, "_top_triplets", real)
         model = unsplit(base, 3, ["q_proj", "up"])
         model.load_state_dict(si.base_state_for_sorsa(model, base.state_dict()), strict=False)
-        monkeypatch.setattr(sorsa, "_factors", fails_on(n))
+        monkeypatch.setattr(sorsa, "_top_triplets", fails_on(n))
         with pytest.raises(ValueError, match=f"split_sharded {words}.*rank 0: _LinAlgError: the SVD did not converge"):
             si.split_sharded(model)

@@ -2,7 +2,7 @@
 
 import argparse
 
-TINY_RUNS = dict(steps=2, pretrain_steps=10, test_size=8, val_size=8, batch_size=4)  # --quick's train_tiny runs
+TINY_RUNS = dict(steps=2, pretrain_steps=10, test_size=8, batch_size=4)  # --quick's train_tiny runs
 
 
 def argument_parser(doc):

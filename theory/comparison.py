@@ -20,8 +20,10 @@ Every finished run goes to {out}/sweep.jsonl under a key of the settings that ma
 experiment, so an interrupted comparison resumes where it stopped. docs/comparison.md has the results.
 """
 
+import argparse
 import dataclasses
 import hashlib
+import random
 import json
 import math
 import os
@@ -45,8 +47,9 @@ class Comparison(train_tiny.Config):
     refine: bool = False  # then also each method's best lr / sqrt 2 and * sqrt 2
     final_seeds: int = 0  # then each method at its chosen lr on this many new seeds, on every base
     base_seeds: str = "0"  # pretraining seeds of the base models; the first chooses the learning rates
+    val_size: int = 200  # validation problems, apart from the test set and from training: they choose each lr
     out: str = "runs/comparison"  # its own: the demo's runs/tiny/log.jsonl starts anew with each demo run
-    FLAGS = tuple(f for f in train_tiny.Config.FLAGS if f != "base_seed")  # base_seeds replaces it
+    curve: bool = False  # each run's test scores at its end only
 
     def sweep_lrs(self):
         return [float(v) for v in self.lrs.split(",")]
@@ -218,9 +221,30 @@ def plot_sweep(grid, out):
 def run_key(cfg):
     """What makes two runs of one method, lr and seed the same experiment (for resuming). Where files go,
     which device runs it and which runs are planned do not (each logged run names its base)."""
-    ignored = ("methods", "lrs", "seeds", "refine", "final_seeds", "base_seeds", "base_seed", "out", "device", "cache")
+    ignored = ("methods", "lrs", "seeds", "refine", "final_seeds", "base_seeds", "base_seed", "out", "device", "cache",
+               "curve")
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validation_problems(cfg, test):
+    """cfg.val_size word problems apart from the test set: each method's learning rate is chosen on them."""
+    seen, val, i = {p for p, _ in test}, [], 0
+    while len(val) < cfg.val_size:
+        problem = train_tiny.word_problem(random.Random(f"val {i}"))
+        i += 1
+        if problem[0] not in seen:
+            seen.add(problem[0])
+            val.append(problem)
+    return val
+
+
+def prepare_base(cfg, base_seed, runtime):
+    """train_tiny.prepare_base with the validation problems, which training never draws either:
+    (base model, its EvalData, the validation problems, its (eval loss, accuracy) on the task)."""
+    base, _, data, scores = train_tiny.prepare_base(cfg, base_seed, runtime)
+    val = validation_problems(cfg, data.test)
+    return base, dataclasses.replace(data, exclude=data.exclude | {p for p, _ in val}), val, scores
 
 
 def finished_runs(path, key):
@@ -243,7 +267,8 @@ def run(cfg):
     the final comparison ({base: {method: {seed: result}}}, empty without final_seeds) and lambda_max."""
     runtime = train_tiny.start_runtime(cfg)
     methods, bases, seeds = cfg.methods.split(","), cfg.base_seed_list(), range(cfg.seeds)
-    runtime.say(train_tiny.describe(cfg, runtime) + f", learning rates {cfg.lrs}, base models {cfg.base_seeds}")
+    runtime.say(f"device {runtime.device}, methods {cfg.methods.replace(',', ', ')}, rank {cfg.rank}, {cfg.steps} "
+                f"steps, seeds {cfg.seeds}, learning rates {cfg.lrs}, base models {cfg.base_seeds}")
     planned = len(methods) * (cfg.seeds * (len(cfg.sweep_lrs()) + 2 * cfg.refine) + len(bases) * cfg.final_seeds)
     os.makedirs(cfg.out, exist_ok=True)
     log_path, sweep_path, key = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "sweep.jsonl"), run_key(cfg)
@@ -252,14 +277,15 @@ def run(cfg):
     def runs(method, lr, seeds, base_seed):
         """Fine-tune (or find in the sweep log) method at lr on these seeds of one base model."""
         if base_seed not in prepared:
-            prepared[base_seed] = train_tiny.prepare_base(cfg, base_seed, runtime)
-        base, _, data, _ = prepared[base_seed]
+            prepared[base_seed] = prepare_base(cfg, base_seed, runtime)
+        base, data, val, _ = prepared[base_seed]
         out = []
         for seed in seeds:
             if (method, lr, seed, base_seed) not in done:
                 runtime.say(f"{method} at lr {lr:g}, seed {seed}, base model {base_seed} "
                             f"({len(done)} of {planned} planned runs done)")
-                result, _ = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, log_path, curve=False)
+                result, model = train_tiny.finetune(method, lr, base, data, cfg, seed, runtime, log_path)
+                result["val_loss"], result["val_accuracy"] = train_tiny.evaluate(model, val, runtime)
                 done[(method, lr, seed, base_seed)] = result
                 train_tiny.append_jsonl(sweep_path, {"key": key, "method": method, "lr": lr, "seed": seed,
                                                      "base_seed": base_seed, "result": result}, runtime)
@@ -280,31 +306,37 @@ def run(cfg):
     final_seeds = range(cfg.seeds, cfg.seeds + cfg.final_seeds)
     final = {b: {m: dict(zip(final_seeds, runs(m, chosen[m], final_seeds, b))) for m in methods}
              for b in bases} if cfg.final_seeds else {}
-    data = prepared[first][2]
-    batch = next(train_tiny.training_batches(0, cfg, {p for p, _ in data.test + data.val}))
+    batch = next(train_tiny.training_batches(0, cfg, prepared[first][1].exclude))
     lambdas = {m: hessian_lambda_max(m, prepared[first][0], batch, cfg, runtime) for m in methods}
     return {"base": prepared[first][3], "runtime": runtime, "log": sweep_path, "results": grid, "final": final,
             "lambdas": lambdas}
 
 
-def argument_parser(defaults):
-    """train_tiny.py's flags and the comparison's."""
-    parser = train_tiny.argument_parser(defaults, __doc__)
-    parser.add_argument("--lrs", required=True, help="every method at each learning rate (SORSA at the listed lr, "
-                        "not 1.5x; gamma = gamma_ratio * lr, so the regularizer's weight stays put)")
+def argument_parser():
+    """A flag for each flat setting of Comparison (train_tiny's and the comparison's), and --quick."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = {"lrs": "every method at each learning rate (SORSA at the listed lr, not 1.5x; gamma = gamma_ratio * lr, "
+                    "so the regularizer's weight stays put)",
+             "final_seeds": "each method at its chosen lr on this many new seeds of every base model, compared "
+                            "pairwise with SORSA", "base_seeds": "pretraining seeds of the base models, e.g. 0,1,2"}
+    for field in dataclasses.fields(Comparison):
+        if field.type in (str, int, float) and field.name != "base_seed":  # base_seeds replaces it
+            parser.add_argument(f"--{field.name}", type=type(field.default), required=field.name == "lrs",
+                                choices=train_tiny.CHOICES.get(field.name),
+                                help=f"{helps.get(field.name, '')} default {field.default!r}".strip())
     parser.add_argument("--refine", action="store_true", default=None,
                         help="add each method's best lr / sqrt 2 and * sqrt 2, then choose again")
-    parser.add_argument("--final_seeds", type=int, help="each method at its chosen lr on this many new seeds of "
-                        "every base model, compared pairwise with SORSA; default 0")
-    parser.add_argument("--base_seeds", help="pretraining seeds of the base models, e.g. 0,1,2; default '0'")
+    parser.add_argument("--quick", action="store_true", help="train_tiny's smoke-run settings under those given")
     return parser
 
 
 def parse_args(argv=None):
-    """A Comparison from the command line."""
-    defaults = Comparison()
-    parser = argument_parser(defaults)
-    cfg = train_tiny.parse_args(argv, defaults, parser)
+    """A Comparison from the command line; bad values exit with status 2 and a message."""
+    parser = argument_parser()
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None and k != "quick"}
+    cfg = Comparison(**{**(train_tiny.QUICK if args["quick"] else {}), **given})
+    train_tiny.check(cfg, parser.error)
     try:
         if not all(lr > 0 for lr in cfg.sweep_lrs()):
             raise ValueError
@@ -315,8 +347,8 @@ def parse_args(argv=None):
             raise ValueError
     except ValueError:
         parser.error(f"--base_seeds {cfg.base_seeds!r} must be integers >= 0 separated by commas, e.g. 0,1,2")
-    if cfg.final_seeds < 0:
-        parser.error("--final_seeds must be >= 0")
+    if cfg.final_seeds < 0 or cfg.val_size < 1:
+        parser.error("--final_seeds must be >= 0 and --val_size >= 1")
     return cfg
 
 

@@ -83,7 +83,7 @@ def paired_table(size=None):
 def main(quick=False):
     if quick:  # two ratios, two seeds, two base models: each part's tables at their smallest
         demo = demo_table({**theory.TINY_RUNS, "seeds": 2}, RATIOS[:2])
-        paired = paired_table({**theory.TINY_RUNS, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
+        paired = paired_table({**theory.TINY_RUNS, "val_size": 8, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
     else:
         demo, paired = demo_table({}), paired_table()
     print(f"\n1. train_tiny's demo recipe, SORSA alone, 300 steps at lr 3e-3, seeds 0-2 of base 0:\n{demo}")
