@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -178,11 +177,7 @@ def _select_targets(model, rank, targets, full):
     refused; one wholly on it is adapted for its shapes."""
     _check_targets_match(model, targets)
     owner = {name: f for name, _ in model.named_modules() for f in full if name == f or name.startswith(f + ".")}
-    names_of = {}  # id(parameter) -> all its names: tied weights share one
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(pname)
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    selected, skipped = [], []
+    why_skipped, selected, skipped = sorsa._skip_reason(model, targets), [], []
     for name, layer in model.named_modules():
         W_0 = sorsa._base_weight(layer)  # (m, n), or None
         matched = any(sorsa._matches(name, t) for t in targets) if targets else W_0 is not None
@@ -198,30 +193,19 @@ def _select_targets(model, rank, targets, full):
             unfit = _unfit_reason(model, name, layer)
         if targets and unfit:
             raise TypeError(f"{name} matches the targets but is {unfit}; exclude it from target_modules")
-        tied = [other for other in names_of[id(layer.weight)] if other != f"{name}.weight"]
-        if targets and tied:
-            raise ValueError(f"{name} matches the targets but is tied to {', '.join(tied)}; exclude it from "
-                             "target_modules")
-        m, n = W_0.shape
-        if unfit:
-            skipped.append(f"{name} ({unfit})")
-        elif not targets and (layer is head or name.endswith("lm_head")):
-            skipped.append(f"{name} (the output head)")
-        elif tied:
-            skipped.append(f"{name} (tied to {', '.join(tied)})")
-        elif not targets and m < rank <= n:
-            skipped.append(f"{name} (rank {rank} is above its {m} outputs: a new classification head trains "
-                           "in full with modules_to_save)")
-        elif W_0.is_meta and not 1 <= rank <= min(m, n):  # sorsa's checks need the values
+        (m, n), reason = W_0.shape, unfit or why_skipped(name, layer)
+        if not reason and not targets and m < rank <= n:  # named, the rank check refuses it instead
+            reason = (f"rank {rank} is above its {m} outputs: a new classification head trains in full with "
+                      "modules_to_save")
+        if reason:
+            skipped.append(f"{name} ({reason})")
+            continue
+        if W_0.is_meta and not 1 <= rank <= min(m, n):  # sorsa's checks need the values
             raise ValueError(f"rank {rank} is outside [1, min(out, in)] = [1, {min(m, n)}] for layer {name}")
-        else:
-            if not W_0.is_meta:
-                sorsa._check_split(W_0, rank, where=f" for layer {name}")
-            selected.append(name)
-    if not selected:
-        raise ValueError(f"the model has no nn.Linear or Conv1D-style layer to adapt; skipped: {'; '.join(skipped)}")
-    if skipped:
-        warnings.warn(f"apply_sorsa adapted every linear layer but {'; '.join(skipped)}", stacklevel=3)
+        if not W_0.is_meta:
+            sorsa._check_weight(W_0, rank, where=f" for layer {name}")
+        selected.append(name)
+    sorsa._selected(selected, skipped)
     meta = [name for name in selected if sorsa._base_weight(model.get_submodule(name)).is_meta]
     if meta and not all(p.is_meta for p in model.parameters()):
         listed = ", ".join(meta[:8]) + (", ..." if len(meta) > 8 else "")
@@ -271,7 +255,7 @@ def apply_sorsa(model, rank, target_modules=None, niter=None, factor_dtype=None,
     ["classifier"]), as in PEFT. Everything is checked before the first layer is touched.
     """
     model = _check_base_model(model, "apply_sorsa")
-    sorsa._check_split(None, rank, niter, factor_dtype)
+    sorsa._check_args(rank, niter, factor_dtype)
     full = _select_full(model, modules_to_save)
     names = _select_targets(model, rank, sorsa._target_patterns(target_modules), full)
     sorsa._convert(model, names, lambda name: _sorsa_layer(model.get_submodule(name), rank, niter, factor_dtype))
@@ -592,7 +576,7 @@ def split_sharded(model, niter=None):
     it splits every layer itself. Bad input (a non-finite W_0 shard) raises on every rank before anything changes;
     a failure in a rank's computation (a product, a QR, an SVD) raises on every rank, naming how many layers the
     earlier turns split (running out of memory inside a collective is not caught: the others then wait in it)."""
-    sorsa._check_split(None, 1, niter)
+    sorsa._check_args(niter=niter)
     found = sorsa.sorsa_modules(model)
     layers = [mod for _, mod in found]
     if not layers:

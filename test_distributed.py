@@ -92,19 +92,24 @@ def model_and_batch(dtype):
     return base, model, x, torch.sin(3 * x)
 
 
+def regularized_backward(model, x, target, way):
+    """One backward of Eq. 6 in either way: the regularizer in the task's backward, or its own after it."""
+    task = (model(x) - target).float().square().mean()
+    if way == "sorsa_loss":
+        sorsa.sorsa_loss(task, model, GAMMA, LR).backward()
+    else:
+        task.backward()
+        sorsa.add_regularizer_grad(model, GAMMA, LR)
+
+
 def train(model, x, target, engine, steps=STEPS):
     """SGD on Eq. 6 with a mean-squared task loss; an optimizer over model.parameters(), as users
     write it. DDP: sorsa_loss; FSDP2: the authors' order, the regularizer's own backward after the
-    task's (add_regularizer_grad), which no FSDP2 hook sees."""
+    task's (add_regularizer_grad; test_fsdp2_gradients_... checks both ways under FSDP2)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(steps):
         opt.zero_grad()
-        task = (model(x) - target).float().square().mean()
-        if engine == "ddp":
-            sorsa.sorsa_loss(task, model, GAMMA, LR).backward()
-        else:
-            task.backward()
-            sorsa.add_regularizer_grad(model, GAMMA, LR)
+        regularized_backward(model, x, target, "sorsa_loss" if engine == "ddp" else "add_regularizer_grad")
         opt.step()
 
 
@@ -186,16 +191,6 @@ def test_processes_train_as_one_process_does_on_the_same_global_batch(launched, 
 
 GRADIENT_CASES = [(placement, way) for placement in ("fully_shard", "fsdp_shard_placement")
                   for way in ("sorsa_loss", "add_regularizer_grad")]
-
-
-def regularized_backward(model, x, target, way):
-    """One backward of Eq. 6 in either way: the regularizer in the task's backward, or its own after it."""
-    task = (model(x) - target).float().square().mean()
-    if way == "sorsa_loss":
-        sorsa.sorsa_loss(task, model, GAMMA, LR).backward()
-    else:
-        task.backward()
-        sorsa.add_regularizer_grad(model, GAMMA, LR)
 
 
 @pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=SLOW)])

@@ -380,9 +380,9 @@ def pretrain(cfg, base_seed, device):
     torch.manual_seed(base_seed)
     model = TinyGPT(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    schedule, fp32 = sorsa.cosine_schedule(opt, cfg.pretrain_steps), Runtime(device)
+    schedule, float32 = sorsa.cosine_schedule(opt, cfg.pretrain_steps), Runtime(device)  # no autocast
     for step, chunk in enumerate(pretraining_batches(cfg, base_seed), start=1):
-        loss = lm_loss(model, chunk.to(device), fp32)
+        loss = lm_loss(model, chunk.to(device), float32)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -489,6 +489,19 @@ def weight_change(model, base, names):
     return (statistics.mean(sorsa.delta_sigma(a, b) for a, b in pairs),
             statistics.mean(sorsa.delta_d(a, b) for a, b in pairs))
 
+def append_jsonl(path, row, runtime):
+    """Append one JSON line to a log (rank 0 only; none without a path)."""
+    if path and runtime.main:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+def scores(model, base, data, cfg, runtime, row, log_path):
+    """row with the test set's eval loss and accuracy and delta_sigma, delta_d, appended to the log."""
+    row["eval_loss"], row["accuracy"] = evaluate(model, data.test, runtime)
+    row["delta_sigma"], row["delta_d"] = weight_change(model, base, target_names(base, cfg.targets.split(",")))
+    append_jsonl(log_path, row, runtime)
+    return row
+
 # ----------------------------------------------------------------------------- fine-tuning: the lines to copy
 
 def batch_loss(model, problems, runtime):
@@ -501,12 +514,11 @@ def finetune(method, lr, base, data, cfg, seed, runtime, log_path=None):
     """Fine-tune one method with one seed at learning rate lr on one base model (data: its EvalData), the
     paper's recipe; the reported numbers and the model. log_path gets the test scores (Config.curve)."""
     torch.manual_seed(seed)  # LoRA's initialization
-    model = distribute(prepare(method, base, cfg), runtime)
+    model = distribute(prepare(method, base, cfg), runtime)  # SORSA: sorsa.apply_sorsa (METHODS)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule, scaler = sorsa.cosine_schedule(opt, cfg.steps), runtime.grad_scaler()  # scaler: fp16 only
     gamma = cfg.gamma(method, lr)  # Eq. 6's gamma: gamma / lr_max = cfg.gamma_ratio for SORSA, else 0
-    names = target_names(base, cfg.targets.split(","))
     losses, seconds = [], 0.0
     for step, problems in enumerate(training_batches(seed, cfg, data.exclude), start=1):
         start = time.perf_counter()
@@ -527,17 +539,16 @@ def finetune(method, lr, base, data, cfg, seed, runtime, log_path=None):
         losses.append(loss.item() / runtime.world)
         if step % max(1, cfg.steps // 10) == 0:
             runtime.say(f"  {method:>8} seed {seed}  step {step:4d}/{cfg.steps}  loss {losses[-1]:.3f}", flush=True)
-        if (cfg.curve and (step == 1 or step % max(1, cfg.steps // 5) == 0)) or step == cfg.steps:
-            eval_loss, acc = evaluate(model, data.test, runtime)
-            d_sigma, d_d = weight_change(model, base, names)
-            append_jsonl(log_path, {"method": method, "lr": lr, "seed": seed, "step": step, "train_loss": losses[-1],
-                                    "eval_loss": eval_loss, "accuracy": acc, "delta_sigma": d_sigma, "delta_d": d_d},
-                         runtime)
+        on_curve = cfg.curve and (step == 1 or step % max(1, cfg.steps // 5) == 0)
+        if on_curve or step == cfg.steps:  # the test scores, for the plot; the last for the table
+            row = {"method": method, "lr": lr, "seed": seed, "step": step, "train_loss": losses[-1]}
+            last = scores(model, base, data, cfg, runtime, row, log_path)
     forget_loss, forget_arithmetic = forgetting(model, data, runtime)
     tail = losses[-max(1, cfg.steps // 10):]  # the last tenth of the steps
-    return {"lr": lr, "params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
-            "eval_loss": eval_loss, "accuracy": acc, "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
-            "delta_sigma": d_sigma, "delta_d": d_d, "ms_per_step": 1e3 * seconds / cfg.steps}, model
+    result = {key: last[key] for key in ("lr", "eval_loss", "accuracy", "delta_sigma", "delta_d")}
+    return {**result, "params": sum(p.numel() for p in params), "train_loss": statistics.mean(tail),
+            "forget_loss": forget_loss, "forget_arithmetic": forget_arithmetic,
+            "ms_per_step": 1e3 * seconds / cfg.steps}, model
 
 # ----------------------------------------------------------------------------- the report
 
@@ -584,7 +595,8 @@ def results_table(results):
 
 def plot(log_path, out):
     """curves.png: eval loss, delta_sigma and delta_d against the step, per method (seed 0)."""
-    rows = [json.loads(line) for line in open(log_path)]
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f]
     fig = Figure(figsize=(15, 4))
     for ax, key in zip(fig.subplots(1, 3), ("eval_loss", "delta_sigma", "delta_d")):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -595,12 +607,6 @@ def plot(log_path, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     print(f"plot: {os.path.join(out, 'curves.png')}")
-
-def append_jsonl(path, row, runtime):
-    """Append one JSON line to a log (rank 0 only; none without a path)."""
-    if path and runtime.main:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 def prepare_base(cfg, base_seed, runtime):
     """(base model, its cache path, its EvalData, its (eval loss, accuracy) on the task), measured once."""
