@@ -108,12 +108,14 @@ def svd_split(W_0, rank, niter=None, factor_dtype=None):
     _check_args(rank, niter, factor_dtype)
     _check_weight(W_0, rank)
     dtype, wide = W_0.dtype, _wide_dtype(W_0.dtype, factor_dtype)
-    W_0 = W_0.detach().to(wide)  # (m, n): an SVD in bf16 fails
-    U_p, S_p, Vt_p = (t.to(factor_dtype or wide) for t in _top_triplets(W_0, rank, niter))
+    W_r = W_0.detach().to(wide, memory_format=torch.contiguous_format, copy=True)  # (m, n): W_0
+    # in the wide dtype (an SVD in bf16 fails), which becomes W_r below
+    U_p, S_p, Vt_p = (t.to(factor_dtype or wide) for t in _top_triplets(W_r, rank, niter))
     with torch.no_grad(), _ieee_float32():
-        # Eq. 2, a difference rather than the paper's U[:, r:] S[r:] V^T[r:]: W_r + W_p is then W_0
-        # to a rounding with the very factors stored, and a randomized SVD has no U[:, r:]
-        W_r = W_0 - U_p.to(wide) @ torch.diag(S_p.to(wide)) @ Vt_p.to(wide)
+        # Eq. 2, W_r = W_0 - U_p diag(S_p) Vt_p, subtracted in place: no second (m, n) buffer. A
+        # difference, not the paper's U[:, r:] S[r:] V^T[r:]: then W_r + W_p is W_0 to a rounding
+        # with the very factors stored, and a randomized SVD has no U[:, r:]
+        W_r.addmm_(U_p.to(wide) @ torch.diag(S_p.to(wide)), Vt_p.to(wide), alpha=-1)
     return U_p, S_p, Vt_p, W_r.to(dtype)
 
 # ------------------------------------------------------------------ the layer (Eq. 3)
@@ -176,7 +178,8 @@ class SORSALinear(nn.Module):
                                                              self.Vt_p))
         wide = _wide_dtype(W_r.dtype, U_p.dtype)
         with torch.no_grad(), _ieee_float32():
-            W = W_r.to(wide) + U_p.to(wide) @ torch.diag(S_p.to(wide)) @ Vt_p.to(wide)  # (m, n)
+            U_S = U_p.to(wide) @ torch.diag(S_p.to(wide))  # (m, r)
+            W = torch.addmm(W_r.to(wide), U_S, Vt_p.to(wide))  # W_r + U_p diag(S_p) Vt_p (m, n)
         W, kind, (m, n) = W.to(W_r.dtype), self.base_type, W_r.shape
         with torch.device("meta"):  # shapes only: the weights are set below
             if kind.__init__ is nn.Linear.__init__:  # nn.Linear, or a subclass with its signature
@@ -500,7 +503,9 @@ def load_adapter(model, state, factor_dtype=None, check_base=True, source="the a
         U_p0, S_p0, Vt_p0 = (layers[name][k].to(W_0.device, dtype) for k in ADAPTER_KEYS[3:])
         wide = _wide_dtype(W_0.dtype, dtype)
         with torch.no_grad(), _ieee_float32():
-            W_r = W_0.to(wide) - U_p0.to(wide) @ torch.diag(S_p0.to(wide)) @ Vt_p0.to(wide)  # Eq. 2
+            W_r = W_0.to(wide, memory_format=torch.contiguous_format, copy=True)  # (m, n)
+            # Eq. 2, W_r = W_0 - U_p0 diag(S_p0) Vt_p0, subtracted in place
+            W_r.addmm_(U_p0.to(wide) @ torch.diag(S_p0.to(wide)), Vt_p0.to(wide), alpha=-1)
         layer = SORSALinear(U_p0, S_p0, Vt_p0, W_r.to(W_0.dtype), base.bias, type(base))
         layer.load_state_dict({k: layers[name][k] for k in ("U_p", "S_p", "Vt_p")}, strict=False)
         return layer
