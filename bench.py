@@ -15,17 +15,21 @@ interleaved block by block (absolute CPU times mean little; on a GPU they do). S
   7. under torchrun: DDP and FSDP2, what is sent and held per rank
   8. with --peft, alone: SORSA against PEFT's LoRA layer, a 2-block Llama-shaped training
      step against PEFT LoRA, and initialization against PEFT's PiSSA
+  9. with --nf4, alone: W_r in NF4 (sorsa_nf4): Llama 2 7B's training state and activations against
+     a 16 GB GPU; an NF4 layer's time over a bf16 one's; the adaptation's peak memory; the recipe
 
     python bench.py            # about 10 minutes on a 2-core CPU
     python bench.py --quick    # about a minute: smaller shapes, fewer cases
     python bench.py --device cuda
     torchrun --standalone --nproc_per_node 2 bench.py --distributed
     python bench.py --device cuda --peft   # where transformers and peft are installed
+    python bench.py --device cuda --nf4    # where torchao (and transformers) are installed
 
 The last line printed is one JSON object with the headline ratios.
 """
 
 import argparse
+import collections.abc
 import ctypes
 import copy
 import importlib.util
@@ -37,6 +41,7 @@ import random
 import statistics
 import sys
 import time
+import zlib
 
 import torch
 import torch.nn as nn
@@ -44,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sorsa
 import sorsa_integrations
+import sorsa_nf4
 import train_tiny
 from theory.fused_forward import interleaved_times, make_forms, time_forms
 
@@ -783,6 +789,247 @@ def peft_section(device, quick):
     return summary
 
 
+# ----------------------------------------------------------------------------- 9. W_r in NF4: a 7B model on 16 GB
+
+
+GB = 1e9  # the "16 GB" of a GPU's label
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 vocab_size=32000)
+
+
+def llama2_7b_state_bytes(rank=128):
+    """What training Llama 2 7B at `rank` on the 7 projections holds, counted from the shapes of a stand-in built
+    on the meta device: {base_bf16, base_nf4, trained, initial, gradients, adamw} in bytes, the frozen rest
+    (embeddings, head, norms) in bf16 in both bases, the factors and their state in float32."""
+    model = meta_blocks("Llama 2 7B")
+    sorsa_integrations.apply_sorsa(model, rank)  # on meta: shapes only
+    layers = [layer for _, layer in sorsa.sorsa_modules(model)]
+    rest = LLAMA2_7B_OTHER_PARAMS * 2
+    trained = sum(p.numel() for layer in layers for p in (layer.U_p, layer.S_p, layer.Vt_p)) * 4
+    return {"base_bf16": sum(layer.W_r.numel() for layer in layers) * 2 + rest,
+            "base_nf4": sum(sorsa_nf4.nf4_bytes(layer.W_r.shape) for layer in layers) + rest,
+            "trained": trained, "initial": trained, "gradients": trained, "adamw": 2 * trained}
+
+
+def saved_bytes(model, ids):
+    """Bytes autograd saves for the backward of model's loss on ids: the activations, each storage once,
+    parameters (and the NF4 weights, which are parameters) left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not sorsa_nf4.is_quantized(p)}
+    storages = {}
+
+    def pack(t):
+        if not sorsa_nf4.is_quantized(t) and t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(storages.values())
+
+
+def llama_activation_bytes(dims, rank, batch, seq):
+    """Activations of a `batch` x `seq`-token step of a bf16 Llama of `dims` adapted at `rank`, in bytes: {(block,
+    checkpointing): a block's, ("rest", checkpointing): the embeddings', head's and loss's}. Measured as the bytes
+    autograd saves, on the CPU at 4 and 8 tokens a sequence with 1 and 2 blocks, and extrapolated: what it saves is
+    linear in the tokens (the attention kernels keep no T x T scores)."""
+    import transformers
+    measured = {}
+    for blocks in (1, 2):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**{**dims, "num_hidden_layers": blocks}, max_position_embeddings=seq)
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
+        sorsa.apply_sorsa(model, rank, LLAMA_TARGETS, niter=0)  # the factors' values do not matter here
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            for tokens in (4, 8):
+                measured[blocks, checkpointing, tokens] = saved_bytes(model, torch.zeros(batch, tokens, dtype=torch.long))
+        del model
+    out = {}
+    for checkpointing in (False, True):
+        at = {blocks: measured[blocks, checkpointing, 4] + (seq - 4) * (measured[blocks, checkpointing, 8]
+              - measured[blocks, checkpointing, 4]) / 4 for blocks in (1, 2)}  # extrapolated to seq tokens
+        out["block", checkpointing], out["rest", checkpointing] = at[2] - at[1], 2 * at[1] - at[2]
+    return out
+
+
+class StandInCheckpoint(collections.abc.Mapping):
+    """A checkpoint of random bf16 weights for a model on the meta device, each tensor made on `device` when it is
+    read, as sorsa_nf4.LazyCheckpoint reads one from disk: no process ever holds the whole base."""
+
+    def __init__(self, model, device):
+        self.shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.device = device
+
+    def __getitem__(self, key):
+        if key.endswith("norm.weight"):
+            return torch.ones(self.shapes[key], dtype=torch.bfloat16, device=self.device)
+        seeded = torch.Generator(device=self.device).manual_seed(zlib.crc32(key.encode()))
+        W = torch.randn(self.shapes[key], generator=seeded, device=self.device) * 0.02
+        return W.to(torch.bfloat16)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+def nf4_adapt_growth(layers, size, rank, niter):
+    """In a fresh process: a model of `layers` bf16 (size x size) layers on the meta device, adapted by
+    sorsa_nf4.apply_sorsa from a stand-in checkpoint made a layer at a time; {peak, after, quantized, layer} in
+    bytes: the peak resident growth, the growth after, the adapted model counted from its tensors, one bf16 layer."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(size, size, bias=False, dtype=torch.bfloat16) for _ in range(layers)])
+    checkpoint = StandInCheckpoint(model, torch.device("cpu"))
+    sorsa_nf4.quantize(torch.randn(256, 256))  # torchao's code paths loaded before the measure
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the resident memory now
+    before = resident_kib("VmRSS")
+    sorsa_nf4.apply_sorsa(model, rank, niter=niter, base_state=checkpoint)
+    peak, after = (resident_kib(field) - before for field in ("VmHWM", "VmRSS"))
+    quantized = sum(sorsa_nf4.nf4_bytes(m.W_r.shape) + sum(p.nbytes for p in (m.U_p, m.S_p, m.Vt_p, m.U_p0, m.S_p0,
+                    m.Vt_p0)) for _, m in sorsa.sorsa_modules(model))
+    return {"peak": peak * 1024, "after": after * 1024, "quantized": quantized, "layer": size * size * 2}
+
+
+def nf4_layer_times(device, d, rank, tokens):
+    """Forward + backward seconds of one (d x d) SORSA layer in bf16 at `rank`, W_r in NF4 and in bf16."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        linear = nn.Linear(d, d, bias=False, dtype=torch.bfloat16)
+    dense = sorsa.SORSALinear.from_linear(linear, rank, niter=2)
+    quantized = sorsa.SORSALinear(dense.U_p, dense.S_p, dense.Vt_p, sorsa_nf4.quantize(dense.W_r))
+    forms = {name: (layer, [layer.U_p, layer.S_p, layer.Vt_p]) for name, layer in (("nf4", quantized), ("bf16", dense))}
+    with torch.device(device):
+        return time_forms(forms, tokens, d, dtype=torch.bfloat16)
+
+
+def nf4_recipe(device, dims, rank, batch, seq, steps=3):
+    """docs/scaling.md's 16 GB recipe on a Llama of `dims` with random weights: built on meta, adapted by
+    sorsa_nf4.apply_sorsa a layer at a time from a stand-in checkpoint made on the device, then AdamW steps of
+    batch x seq tokens with gradient checkpointing. Prints and returns seconds to adapt, its peak, seconds a step
+    and the training peak (memory on CUDA; nan on the CPU)."""
+    import transformers
+    cuda = device.type == "cuda"
+    config = transformers.LlamaConfig(**dims, max_position_embeddings=seq)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    with torch.device(device):  # computed at construction, not in checkpoints (non-persistent buffers)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    sorsa_nf4.apply_sorsa(model, rank, LLAMA_TARGETS, niter=4, device=device,
+                          base_state=StandInCheckpoint(model, device))
+    if cuda:
+        torch.cuda.synchronize()
+    adapt_s, adapt_peak = time.perf_counter() - start, torch.cuda.max_memory_allocated() if cuda else math.nan
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.0)
+    ids = torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():  # the paper's recipe: clip 1.0, then the regularizer (Eq. 6), once a step
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        sorsa.add_regularizer_grad(model, gamma=6.25e-6, lr_max=3e-5)
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+    step()  # AdamW's state made
+    if any(p.grad is None for p in params):  # checkpointing that cut the factors off would train nothing
+        raise RuntimeError("the recipe's step left factors without a gradient")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = interleaved_times({"step": step}, blocks=steps, min_block_s=0.0)["step"]
+    peak = torch.cuda.max_memory_allocated() if cuda else math.nan
+    memory = f": {'within' if peak <= 16 * GB else 'above'} 16 GB" if cuda else "; memory on CUDA only"
+    print(f"   the recipe, {dims['num_hidden_layers']} blocks of {dims['hidden_size']}, r {rank}, {batch} x {seq} tokens, "
+          f"gradient checkpointing: adapted in {adapt_s:.1f} s (peak {adapt_peak / GB:.2f} GB), a step "
+          f"{step_s:.2f} s (peak {peak / GB:.2f} GB){memory}")
+    return adapt_s, adapt_peak, step_s, peak
+
+
+def nf4_activations(training, quick):
+    """Llama 2 7B's activations of 2 x 512 tokens, measured (llama_activation_bytes), without and with gradient
+    checkpointing, and whether they fit in 16 GB beside the training state (`training` bytes); with quick, smaller
+    blocks counted 32 times, and no verdict."""
+    summary = {}
+    dims = LLAMA2_7B if not quick else {**LLAMA2_7B, "hidden_size": 1024, "intermediate_size": 2752,
+                                        "num_attention_heads": 8}
+    print("   activations of 2 x 512 tokens in bf16, measured as saved-tensor bytes (4 and 8 tokens, 1 and 2 blocks "
+          f"of hidden {dims['hidden_size']}, MLP {dims['intermediate_size']}) and extrapolated:")
+    act = llama_activation_bytes(dims, 128, 2, 512)
+    for checkpointing in (False, True):
+        block, rest = act["block", checkpointing], act["rest", checkpointing]
+        total = 32 * block + rest + (act["block", False] if checkpointing else 0)  # backward recomputes a block
+        fits = training + total <= 16 * GB
+        verdict = "" if quick else f": {'fits' if fits else 'does not fit'} in 16 GB"
+        recompute = f" + {act['block', False] / 2**20:.1f} MiB, one block recomputed" if checkpointing else ""
+        print(f"     gradient checkpointing {'on ' if checkpointing else 'off'}: 32 blocks x {block / 2**20:6.1f} MiB"
+              f"{recompute} + {rest / 2**20:.1f} MiB embeddings, head and loss = {total / GB:5.2f} GB; with the "
+              f"training state {(training + total) / GB:5.2f} GB{verdict}")
+        on = "on" if checkpointing else "off"
+        if not quick:
+            summary.update({f"nf4_7b_activations_gb_ckpt_{on}": round(total / GB, 2), f"nf4_7b_fits_16gb_ckpt_{on}": fits})
+    if quick:
+        print("     (--quick: smaller blocks than 7B's, counted 32 times, so no verdict; the full run measures 7B's)")
+    return summary
+
+
+def nf4_section(device, quick):
+    """Llama 2 7B at r = 128 with W_r in NF4 (sorsa_nf4), counted from its shapes: the training state and the
+    activations of a 2 x 512-token batch against a 16 GB GPU. Measured: one layer's forward + backward with W_r in
+    NF4 over in bf16; the adaptation's peak memory over the quantized model's (CPU, in a fresh process); the 16 GB
+    recipe itself (a 7B-shaped model on CUDA, reduced on the CPU or with --quick)."""
+    print("\n9. W_r in NF4 (sorsa_nf4): Llama 2 7B at r = 128 on a 16 GB GPU")
+    state = llama2_7b_state_bytes(128)
+    for key, label in (("base_bf16", "base in bf16 (the 7 projections; embeddings, head, norms)"),
+                       ("base_nf4", "base with W_r in NF4, scales included (the rest in bf16)"),
+                       ("trained", "trained factors U_p, S_p, Vt_p (float32)"), ("initial", "their initial copies"),
+                       ("gradients", "their gradients"), ("adamw", "AdamW's two moments")):
+        print(f"   {label:>60}: {state[key] / GB:6.2f} GB")
+    training = state["base_nf4"] + state["trained"] + state["initial"] + state["gradients"] + state["adamw"]
+    print(f"   {'training state with W_r in NF4':>60}: {training / GB:6.2f} GB "
+          f"(in bf16: {(training - state['base_nf4'] + state['base_bf16']) / GB:.2f} GB)")
+    summary = {"nf4_7b_base_bf16_gb": round(state["base_bf16"] / GB, 2), "nf4_7b_base_nf4_gb": round(state["base_nf4"] / GB, 2),
+               "nf4_7b_training_state_gb": round(training / GB, 2)}
+    if importlib.util.find_spec("transformers"):
+        summary.update(nf4_activations(training, quick))
+    d, rank, tokens = (512, 16, 256) if quick else (1024, 64, 256)  # the CPU's bf16 matmuls are slow: 15 s a 2048 step
+    if device.type == "cuda" and not quick:
+        d, rank, tokens = 4096, 128, 2048
+    times = nf4_layer_times(device, d, rank, tokens)
+    summary["nf4_layer_time_over_bf16"] = round(times["nf4"] / times["bf16"], 3)
+    print(f"   one {d}x{d} layer at r {rank}, {tokens} tokens, forward + backward in bf16: W_r in NF4 "
+          f"{times['nf4'] * 1e3:.2f} ms, in bf16 {times['bf16'] * 1e3:.2f} ms: {summary['nf4_layer_time_over_bf16']}x")
+    layers, size = (8, 1024) if quick else (8, 4096)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # freed blocks go back to the system (memory_section says why)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        m = pool.apply(nf4_adapt_growth, (layers, size, 64, HEADLINE_NITER))
+    del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    summary["nf4_adapt_peak_over_quantized"] = round(m["peak"] / m["quantized"], 2)
+    print(f"   adapting {layers} bf16 {size}x{size} layers at r 64 from a checkpoint read a layer at a time (peak RSS, "
+          f"a fresh process): peak growth {m['peak'] / 2**20:.1f} MiB = {summary['nf4_adapt_peak_over_quantized']}x the "
+          f"quantized model ({m['quantized'] / 2**20:.1f} MiB counted, {m['after'] / 2**20:.1f} MiB resident after), "
+          f"{(m['peak'] - m['quantized']) / m['layer']:.1f} bf16 layers' worth above it (the whole base: {layers}); "
+          f"torchao's quantizer compares 2^20 weights at a time with its 16 levels, 64 MiB in bf16 at any layer size")
+    if importlib.util.find_spec("transformers"):
+        full = device.type == "cuda" and not quick
+        dims = LLAMA2_7B if full else dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                           num_attention_heads=4, vocab_size=1000)  # 768: NF4's blocks tile it
+        adapt_s, adapt_peak, step_s, peak = nf4_recipe(device, dims, 128 if full else 8, 2, 512 if full else 64)
+        summary.update({"nf4_recipe_adapt_s": round(adapt_s, 2), "nf4_recipe_step_s": round(step_s, 3),
+                        "nf4_recipe_shape": "7B" if full else "reduced"})
+        if device.type == "cuda":
+            summary.update({"nf4_recipe_adapt_peak_gb": round(adapt_peak / GB, 2), "nf4_recipe_peak_gb": round(peak / GB, 2)})
+    return summary
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -794,6 +1041,9 @@ def argument_parser():
                         help="section 7 alone: torchrun --standalone --nproc_per_node 2 bench.py --distributed "
                              "(with --quick: its layers 4x narrower)")
     parser.add_argument("--peft", action="store_true", help="section 8 alone: SORSA against PEFT (needs transformers, peft)")
+    parser.add_argument("--nf4", action="store_true",
+                        help="section 9 alone: W_r in NF4, Llama 2 7B on a 16 GB GPU (needs torchao; transformers for "
+                             "the activations and the recipe)")
     parser.add_argument("--llama", action="store_true",
                         help="section 6 alone: a Llama-shaped model against PEFT's PiSSA (needs transformers, peft)")
     return parser
@@ -818,6 +1068,11 @@ def main(argv=None):
             summary = peft_section(device, args.quick)
         except ImportError as e:
             sys.exit(f"bench.py --peft needs transformers and peft beside the project ({e}): pip install transformers peft")
+        print(f"\ntotal {time.time() - start:.0f} s")
+        print(json.dumps({**summary, "device": name, "quick": args.quick}))
+        return
+    if args.nf4:
+        summary = nf4_section(device, args.quick)  # without torchao, an ImportError that says how to install it
         print(f"\ntotal {time.time() - start:.0f} s")
         print(json.dumps({**summary, "device": name, "quick": args.quick}))
         return

@@ -2,11 +2,11 @@
 # The one GPU run whose numbers go into README.md and docs/performance.md, in parts run in this order,
 # each under its own time limit; a part that fails or runs out of time does not stop the others.
 #
-#   bash gpu_report.sh OUT_DIR            on a CUDA GPU: about 8 minutes on an H100-class GPU at most
+#   bash gpu_report.sh OUT_DIR            on a CUDA GPU: at most 12.5 minutes (690 s of limits, 10 s to stop each)
 #   bash gpu_report.sh OUT_DIR --quick    the same parts at reduced size on the CPU (test_gpu_report.py runs it)
 #
 # OUT_DIR gets one log per part and report.jsonl, a JSON line per part: its exit status, seconds, limit,
-# and what it measured (bench.py's summary line, pytest's counts). Seven files in all, none in a subfolder.
+# and what it measured (bench.py's summary line, pytest's counts). Eight files in all, none in a subfolder.
 # The exit status is 0 when every part succeeded, 1 otherwise.
 set -u
 out=${1:?usage: bash gpu_report.sh OUT_DIR [--quick]}
@@ -49,15 +49,15 @@ PY
 if [ "$mode" = "--quick" ]; then
     device=cpu
     tests=(test_sorsa.py -k "split_shapes_dtypes_and_residual")
-    demo=(--quick --methods sorsa --steps 4 --batch_size 8 --pretrain_steps 20 --test_size 10 --val_size 10)
+    demo=(--quick --methods sorsa --steps 4 --batch_size 8 --pretrain_steps 20 --test_size 10)
     quick=(--quick)
-    limits=(60 120 120 120)
+    limits=(60 120 120 120 240)
 else
     device=cuda
     tests=(--ignore=test_gpu_report.py)  # the suite but this script's own CPU check
     demo=()
     quick=()
-    limits=(150 120 150 60)
+    limits=(150 120 150 60 180)
 fi
 
 part env 30 python3 -c "import torch, platform; print(platform.platform(), 'torch', torch.__version__,
@@ -68,4 +68,5 @@ part train_tiny "${limits[1]}" python3 train_tiny.py --device "$device" "${demo[
 cp "$scratch/run/log.jsonl" "$out/train_tiny.jsonl" 2>/dev/null
 part bench_llama "${limits[2]}" python3 bench.py --device "$device" --llama "${quick[@]}"  # section 6, regularizer share
 part bench_peft "${limits[3]}" python3 bench.py --device "$device" --peft "${quick[@]}"    # section 8
+part bench_nf4 "${limits[4]}" python3 bench.py --device "$device" --nf4 "${quick[@]}"      # section 9: the 16 GB recipe
 exit $failed

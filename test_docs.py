@@ -26,7 +26,7 @@ SCRIPTS = {  # what a page names -> that script's parser
     "train_tiny.py": train_tiny.argument_parser,
     "bench.py": bench.argument_parser,
     "theory.comparison": comparison.argument_parser,
-    **{f"theory.{name}": lambda: theory.argument_parser("") for name in ("condition_number", "eq14",
+    **{f"theory.{name}": lambda: theory.argument_parser("") for name in ("condition_number", "eq14", "nf4",
                                                                         "fused_forward", "gamma", "regularizer")},
 }
 COMMAND = re.compile(r"(?:python3? (?:-m )?|(torchrun) (?:--\S+ )*(?:\d+ )?)(train_tiny\.py|bench\.py|theory\.\w+)"

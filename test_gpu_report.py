@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-PARTS = ["env", "pytest", "train_tiny", "bench_llama", "bench_peft"]  # in the order they run
+PARTS = ["env", "pytest", "train_tiny", "bench_llama", "bench_peft", "bench_nf4"]  # in the order they run
 
 
-@pytest.mark.slow  # about a minute with transformers and peft installed: .ci/run runs it after the default run
+@pytest.mark.slow  # about two minutes with transformers, peft and torchao: .ci/run runs it after the default run
 def test_the_gpu_report_runs_every_part_on_the_cpu_and_writes_a_line_for_each(tmp_path):
     root = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -25,7 +25,7 @@ def test_the_gpu_report_runs_every_part_on_the_cpu_and_writes_a_line_for_each(tm
     assert rows[1]["pytest"].startswith("1 passed")  # the CPU case of the selected test; its CUDA case skipped
     assert [json.loads(line)["step"] for line in (tmp_path / "train_tiny.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     hf = all(importlib.util.find_spec(name) for name in ("transformers", "peft"))
-    for row in rows[3:]:  # bench.py: section 6 and section 8, each its summary as the last line
+    for row in rows[3:5]:  # bench.py: section 6 and section 8, each its summary as the last line
         if hf:
             assert row["rc"] == 0 and row["result"]["quick"] is True, logs[row["part"]]
         else:
@@ -33,5 +33,10 @@ def test_the_gpu_report_runs_every_part_on_the_cpu_and_writes_a_line_for_each(tm
     if hf:
         assert {"llama_reg_share_bf16", "llama_reg_share_fp32_autocast"} <= rows[3]["result"].keys()
         assert 0 < rows[3]["result"]["llama_reg_share_fp32_autocast"] < 1
+    if importlib.util.find_spec("torchao"):  # section 9, the 16 GB recipe at reduced size (transformers: its parts)
+        assert rows[5]["rc"] == 0 and 0 < rows[5]["result"]["nf4_layer_time_over_bf16"], logs["bench_nf4"]
+        assert rows[5]["result"]["nf4_7b_training_state_gb"] < 16 and rows[5]["result"]["quick"] is True
+    else:
+        assert "torchao" in logs["bench_nf4"], logs["bench_nf4"]
     assert proc.returncode == (0 if all(row["rc"] == 0 for row in rows) else 1)
     assert sorted(os.listdir(tmp_path)) == sorted([f"{p}.log" for p in PARTS] + ["report.jsonl", "train_tiny.jsonl"])
