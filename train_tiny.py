@@ -293,12 +293,13 @@ def argument_parser():
     parser.add_argument("--quick", action="store_true", help="smoke run: a smaller model, fewer steps")
     return parser
 
-def parse_args(argv=None):
-    """The Config of a command line (--quick's settings under the flags given); bad values exit with status 2."""
-    parser = argument_parser()
+def parse_args(argv=None, parser=None, kind=Config):
+    """The settings (a kind: Config, or theory/comparison.py's) of a command line parsed by parser (default:
+    argument_parser()'s), --quick's under the flags given, checked; bad values exit with status 2."""
+    parser = parser or argument_parser()
     args = vars(parser.parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None and k != "quick"}
-    cfg = Config(**{**(QUICK if args["quick"] else {}), **given})  # given flags win
+    cfg = kind(**{**(QUICK if args["quick"] else {}), **given})  # given flags win
     check(cfg, parser.error)
     return cfg
 

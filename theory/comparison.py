@@ -333,10 +333,7 @@ def argument_parser():
 def parse_args(argv=None):
     """A Comparison from the command line; bad values exit with status 2 and a message."""
     parser = argument_parser()
-    args = vars(parser.parse_args(argv))
-    given = {k: v for k, v in args.items() if v is not None and k != "quick"}
-    cfg = Comparison(**{**(train_tiny.QUICK if args["quick"] else {}), **given})
-    train_tiny.check(cfg, parser.error)
+    cfg = train_tiny.parse_args(argv, parser, Comparison)  # the demo's checks apply too
     try:
         if not all(lr > 0 for lr in cfg.sweep_lrs()):
             raise ValueError

@@ -6,7 +6,8 @@ regularizer once per optimizer step through Accelerate's backward, which divides
 gradient-accumulation count (64 in their Llama 2 script), so the weight their runs had was
 13.3 / 64 = 0.208 (docs/gamma.md has the derivation and its sources).
 
-What is measured, with train_tiny.py's recipe (the authors' order, cosine schedule, AdamW):
+What is measured, with train_tiny.py's recipe (the authors' order, cosine schedule, AdamW) run by
+theory/comparison.py, which holds out its validation problems from training:
   1. 300 steps at SORSA's demo learning rate 3e-3, seeds 0-2 of base model 0, for gamma / lr =
      0.208 (effective), 0.4 (train_tiny's default), 1.2, 3.6 and 13.3 (nominal): validation and
      test accuracy and the rise of the held-out pretraining loss, mean +- std [95% interval].
@@ -20,7 +21,6 @@ What is measured, with train_tiny.py's recipe (the authors' order, cosine schedu
 import math
 
 import theory
-import train_tiny
 from theory import comparison
 
 EFFECTIVE = 4e-4 / 3e-5 / 64  # 0.208: the weight of the paper's runs (64 accumulation steps)
@@ -37,10 +37,12 @@ def label(ratio):
 
 
 def demo_runs(ratio, size):
-    """Part 1's runs: train_tiny's demo for SORSA alone at gamma / lr = ratio, seeds 0-2 (size: Config overrides)."""
+    """Part 1's runs: SORSA alone at the demo's lr 3e-3 and gamma / lr = ratio, seeds 0-2 of base 0, with
+    validation scores (size: Comparison overrides)."""
     size = {"seeds": 3, **size}
-    cfg = train_tiny.Config(methods="sorsa", gamma_ratio=ratio, out=f"runs/gamma/demo-{ratio:.4g}", **size)
-    return train_tiny.run(cfg)["results"]["sorsa"]
+    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs="3e-3", **size,
+                                out=f"runs/gamma/demo-{ratio:.4g}")
+    return comparison.run(cfg)["results"]["sorsa"][3e-3]
 
 
 def paired_runs(ratio, size):
@@ -82,7 +84,7 @@ def paired_table(size=None):
 
 def main(quick=False):
     if quick:  # two ratios, two seeds, two base models: each part's tables at their smallest
-        demo = demo_table({**theory.TINY_RUNS, "seeds": 2}, RATIOS[:2])
+        demo = demo_table({**theory.TINY_RUNS, "val_size": 8, "seeds": 2}, RATIOS[:2])
         paired = paired_table({**theory.TINY_RUNS, "val_size": 8, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
     else:
         demo, paired = demo_table({}), paired_table()
