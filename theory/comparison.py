@@ -14,7 +14,7 @@ from its rate. What is measured here, on train_tiny.py's task and with its piece
   and lambda_max, the largest eigenvalue of the task loss's Hessian at the start, per method.
 
     python -m theory.comparison --lrs 2e-3,4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2 --steps 100 --seeds 3 --refine \\
-        --final_seeds 10 --base_seeds 0,1,2 --methods sorsa,sorsa_g0,pissa,lora,full    (26 min, 2-core CPU)
+        --final_seeds 10 --base_seeds 0,1,2 --methods sorsa,sorsa_g0,pissa,lora,full    (26-63 min, 2-core CPU)
 
 Every finished run goes to {out}/sweep.jsonl under a key of the settings that make it the same
 experiment, so an interrupted comparison resumes where it stopped. docs/comparison.md has the results.
