@@ -21,11 +21,13 @@ theory/comparison.py, which holds out its validation problems from training:
 import math
 
 import theory
+import train_tiny
 from theory import comparison
 
 EFFECTIVE = 4e-4 / 3e-5 / 64  # 0.208: the weight of the paper's runs (64 accumulation steps)
 NOMINAL = 4e-4 / 3e-5  # 13.3: the paper's gamma / lr as written
 RATIOS = (EFFECTIVE, 0.4, 1.2, 3.6, NOMINAL)
+DEMO_LR = train_tiny.Config.lr * train_tiny.METHODS["sorsa"].lr_scale  # the demo's SORSA rate: 1.5 x 2e-3
 SWEEP_LR = 8e-3 * math.sqrt(2)  # SORSA's rate chosen on validation by the sweep of docs/comparison.md (100 steps)
 KEYS = (("val accuracy", "val_accuracy", "{:.1%}"), ("test accuracy", "accuracy", "{:.1%}"),
         ("Δ held-out loss", "forget_loss", "{:+.3f}"))
@@ -36,21 +38,23 @@ def label(ratio):
             0.4: "0.4 (train_tiny's default)"}.get(ratio, f"{ratio:g}")
 
 
+def sorsa_alone(ratio, lr, part, settings):
+    """theory.comparison.run of SORSA alone at lr and gamma / lr = ratio, logged under runs/gamma/{part}-{ratio}
+    (settings: Comparison overrides)."""
+    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs=repr(lr), **settings,
+                                out=f"runs/gamma/{part}-{ratio:.4g}")
+    return comparison.run(cfg)
+
+
 def demo_runs(ratio, size):
-    """Part 1's runs: SORSA alone at the demo's lr 3e-3 and gamma / lr = ratio, seeds 0-2 of base 0, with
-    validation scores (size: Comparison overrides)."""
-    size = {"seeds": 3, **size}
-    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs="3e-3", **size,
-                                out=f"runs/gamma/demo-{ratio:.4g}")
-    return comparison.run(cfg)["results"]["sorsa"][3e-3]
+    """Part 1's runs: SORSA at the demo's lr, seeds 0-2 of base 0, with validation scores."""
+    return sorsa_alone(ratio, DEMO_LR, "demo", {"seeds": 3, **size})["results"]["sorsa"][DEMO_LR]
 
 
 def paired_runs(ratio, size):
-    """Part 2's runs: {base: {"sorsa": {seed: result}}} from theory.comparison, SORSA alone at gamma / lr = ratio."""
+    """Part 2's runs: {base: {"sorsa": {seed: result}}}, seeds 3-12 of bases 0, 1, 2 at the sweep's rate."""
     runs = {"steps": 100, "seeds": 3, "final_seeds": 10, "base_seeds": "0,1,2", **size}
-    cfg = comparison.Comparison(methods="sorsa", gamma_ratio=ratio, lrs=repr(SWEEP_LR), **runs,
-                                out=f"runs/gamma/paired-{ratio:.4g}")
-    return comparison.run(cfg)["final"]
+    return sorsa_alone(ratio, SWEEP_LR, "paired", runs)["final"]
 
 
 def demo_table(size, ratios=RATIOS):
@@ -84,11 +88,12 @@ def paired_table(size=None):
 
 def main(quick=False):
     if quick:  # two ratios, two seeds, two base models: each part's tables at their smallest
-        demo = demo_table({**theory.TINY_RUNS, "val_size": 8, "seeds": 2}, RATIOS[:2])
-        paired = paired_table({**theory.TINY_RUNS, "val_size": 8, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
+        tiny = {**theory.TINY_RUNS, "val_size": 8}
+        demo = demo_table({**tiny, "seeds": 2}, RATIOS[:2])
+        paired = paired_table({**tiny, "seeds": 1, "final_seeds": 2, "base_seeds": "0,1"})
     else:
         demo, paired = demo_table({}), paired_table()
-    print(f"\n1. train_tiny's demo recipe, SORSA alone, 300 steps at lr 3e-3, seeds 0-2 of base 0:\n{demo}")
+    print(f"\n1. train_tiny's demo recipe, SORSA alone, 300 steps at lr {DEMO_LR:g}, seeds 0-2 of base 0:\n{demo}")
     print(f"\n2. 100 steps at lr {SWEEP_LR:.3g}, seeds 3-12 of bases 0, 1, 2; 'higher' or 'lower' is 0.208's:\n"
           f"{paired}")
 
